@@ -1,0 +1,708 @@
+"""
+train_cifar.py: train a DiT with residual or DAR routing by flow matching, and compare the two side by side.
+
+    python train_cifar.py --preset tiny --dataset shapes --steps 600 --routing residual,dar   # CPU, minutes
+    python train_cifar.py --preset S --dataset cifar10 --routing residual,dar --precision bf16  # one GPU
+
+Both arms of a comparison see the same initial weights (the router is created last), the same data order and
+the same t, noise, flip and label-dropout draws: every random draw of training is a function of (seed, step),
+which also makes --resume exact. Evaluation uses the EMA weights, a fixed validation subset, a fixed grid of t
+and fixed noise, identical for every evaluation and both arms.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dar_minimal import DiT, flow_matching_loss, sample
+
+PRESETS = {  # depth, width, heads, patch, batch, lr, ema decay, steps
+    "tiny": dict(depth=8, hidden_size=128, num_heads=4, patch_size=4, batch_size=128, lr=3e-4, ema_decay=0.999, steps=800),
+    "S": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2, batch_size=256, lr=2e-4, ema_decay=0.9999, steps=50000),
+    "B": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, batch_size=256, lr=1e-4, ema_decay=0.9999, steps=50000),
+}
+VAL_T = [(i + 0.5) / 8 for i in range(8)]        # fixed grid of t for the validation loss
+
+
+def parse_args(argv=None):
+    """Command-line options; preset values fill in whatever is not given."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="cifar10", choices=["cifar10", "folder", "latents", "shapes"])
+    a("--data-root", default="data", help="cifar10: where torchvision keeps (or downloads) CIFAR-10")
+    a("--data-dir", help="folder: an ImageFolder tree (class subfolders)")
+    a("--val-dir", help="folder: optional validation ImageFolder tree (else a held-out part of --data-dir)")
+    a("--data-path", help="latents: one .pt or .npz file holding x (N, C, H, W) and y (N,)")
+    a("--image-size", type=int, default=32)
+    a("--preset", default="tiny", choices=list(PRESETS))
+    for name in ("depth", "hidden-size", "num-heads", "patch-size", "batch-size", "steps"):
+        a(f"--{name}", type=int, help="overrides the preset")
+    a("--lr", type=float, help="overrides the preset")
+    a("--ema-decay", type=float, help="overrides the preset")
+    a("--routing", default="residual,dar", help="residual, dar, or residual,dar to compare both")
+    a("--dar-query", default="static_t", choices=["static", "static_t", "dynamic"])
+    a("--dar-chunk", type=int, default=4)
+    a("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
+    a("--grad-clip", type=float, default=1.0)
+    a("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    a("--t-sampling", default="uniform", choices=["uniform", "logit_normal"])
+    a("--precision", default="fp32", choices=["fp32", "bf16"])
+    a("--compile", action="store_true")
+    a("--seed", type=int, default=0)
+    a("--device", default="auto")
+    a("--out", default="runs/default")
+    a("--eval-every", type=int, help="default: steps / 8")
+    a("--val-size", type=int, default=1000)
+    a("--sample-steps", type=int, default=50)
+    a("--sampler", default="euler", choices=["euler", "heun", "sde"])
+    a("--cfg-scale", type=float, default=1.5)
+    a("--fid-every", type=int, default=0, help="0: no FID")
+    a("--fid-samples", type=int, default=5000)
+    a("--ckpt-every", type=int, default=1000)
+    a("--log-every", type=int, default=25)
+    a("--resume", action="store_true", help="continue each arm from its checkpoint in --out")
+    a("--sample-only", action="store_true", help="write samples of --ckpt and stop")
+    a("--ckpt", help="--sample-only: the checkpoint")
+    a("--num-samples", type=int, default=100)
+    a("--bench", action="store_true", help="time training steps of residual vs DAR variants (see bench())")
+    a("--bench-repeats", type=int, default=5, help="--bench: timed steps per arm (after warm-up)")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.eval_every = args.eval_every or max(1, args.steps // 8)
+    args.arms = args.routing.split(",")
+    if not args.arms or any(r not in ("residual", "dar") for r in args.arms):
+        raise ValueError(f"--routing must be residual, dar or residual,dar; got {args.routing!r}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the whole training set as one in-memory tensor (uint8 for images), augmented on the device
+# ----------------------------------------------------------------------------------------------------
+
+def make_shapes(n, size, seed):
+    """n images (uint8, N x 3 x size x size) of 10 classes of coloured shapes and textures, deterministic from seed."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randperm(n, generator=g) % 10
+    u = lambda *s: torch.rand(*s, generator=g)
+    c = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    cx, cy, r = (u(n, 1, 1) - 0.5) * 0.8, (u(n, 1, 1) - 0.5) * 0.8, 0.35 + 0.3 * u(n, 1, 1)
+    dx, dy = (xx - cx) / r, (yy - cy) / r
+    freq = 4 + 4 * u(n, 1, 1)
+    masks = [dx ** 2 + dy ** 2 < 1,                                             # 0 disc
+             torch.maximum(dx.abs(), dy.abs()) < 0.8,                           # 1 square
+             ((dx ** 2 + dy ** 2) < 1) & ((dx ** 2 + dy ** 2) > 0.4),           # 2 ring
+             ((dx.abs() < 0.3) & (dy.abs() < 1)) | ((dy.abs() < 0.3) & (dx.abs() < 1)),  # 3 cross
+             (dy < 0.8) & (dx.abs() < (dy + 1) / 2),                            # 4 triangle
+             torch.sin(freq * yy * 3) > 0,                                      # 5 horizontal stripes
+             torch.sin(freq * xx * 3) > 0,                                      # 6 vertical stripes
+             (torch.sin(freq * xx * 3) > 0) ^ (torch.sin(freq * yy * 3) > 0),  # 7 checkerboard
+             dx.abs() + dy.abs() < 1,                                           # 8 diamond
+             torch.sin(freq * (xx + yy) * 2) > 0]                               # 9 diagonal stripes
+    mask = torch.stack(masks, 1)[torch.arange(n), y]                            # (n, size, size)
+    palette = torch.tensor([[.9, .2, .2], [.2, .8, .2], [.2, .3, .9], [.9, .8, .1], [.8, .2, .8],
+                            [.1, .8, .8], [.95, .55, .1], [.9, .9, .9], [.5, .3, .1], [.4, .9, .5]])
+    fg = (palette[y] + 0.15 * (u(n, 3) - 0.5)).clamp(0, 1)[:, :, None, None]
+    bg = (0.35 * u(n, 3))[:, :, None, None]
+    img = torch.where(mask[:, None], fg, bg) + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+
+def load_image_folder(path, size):
+    """An ImageFolder tree resized and centre-cropped to size, as one uint8 tensor and its labels."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    if not path or not os.path.isdir(path):
+        raise ValueError(f"--data-dir/--val-dir must be an existing ImageFolder directory, got {path!r}")
+    try:
+        ds = ImageFolder(path, transform=T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()]))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(f"no images found in {path!r} (expected class subfolders of images): {e}") from None
+    loader = torch.utils.data.DataLoader(ds, batch_size=500, num_workers=min(8, os.cpu_count() or 1))
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys), len(ds.classes)
+
+
+def held_out(x, y, n_val, seed):
+    """Split off a deterministic validation part of n_val items."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 12345))
+    return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
+
+
+def load_data(args):
+    """dict(train_x, train_y, val_x, val_y, num_classes, images): images are uint8, latents float."""
+    if args.dataset == "cifar10":
+        from torchvision.datasets import CIFAR10
+        try:
+            train, test = (CIFAR10(args.data_root, train=s, download=True) for s in (True, False))
+        except Exception as e:
+            raise ValueError(f"CIFAR-10 is not in --data-root {args.data_root!r} and could not be downloaded ({e}). "
+                             "Alternatives: --dataset folder --data-dir DIR (e.g. the CIFAR-10 JPEG copy), "
+                             "--dataset shapes (built in, offline), or --dataset latents --data-path FILE.") from None
+        to_t = lambda d: torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous()
+        data = dict(train_x=to_t(train), train_y=torch.tensor(train.targets), val_x=to_t(test),
+                    val_y=torch.tensor(test.targets), num_classes=10)
+    elif args.dataset == "folder":
+        x, y, k = load_image_folder(args.data_dir, args.image_size)
+        if args.val_dir:
+            vx, vy, _ = load_image_folder(args.val_dir, args.image_size)
+        else:
+            x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
+        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=k)
+    elif args.dataset == "latents":
+        if not args.data_path or not os.path.isfile(args.data_path):
+            raise ValueError(f"--data-path must be a .pt or .npz file with x (N, C, H, W) and y, got {args.data_path!r}")
+        if args.data_path.endswith(".npz"):
+            import numpy as np
+            z = np.load(args.data_path)
+            x, y = torch.from_numpy(z["x"]).float(), torch.from_numpy(z["y"]).long()
+        else:
+            z = torch.load(args.data_path)
+            x, y = z["x"].float(), z["y"].long()
+        if x.ndim != 4 or y.shape != (len(x),):
+            raise ValueError(f"latents: expected x of shape (N, C, H, W) and y of shape (N,), got {tuple(x.shape)}, {tuple(y.shape)}")
+        x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
+        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=int(y.max()) + 1)
+    else:
+        x, y = make_shapes(10000, args.image_size, args.seed)
+        vx, vy = make_shapes(1000, args.image_size, args.seed + 1)
+        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=10)
+    data["images"] = data["train_x"].dtype == torch.uint8
+    if len(data["train_x"]) == 0 or len(data["val_x"]) == 0:
+        raise ValueError(f"the {args.dataset} data set is empty")
+    data["val_x"], data["val_y"] = data["val_x"][:args.val_size], data["val_y"][:args.val_size]
+    if args.device.startswith("cuda"):                                 # the whole set lives on the GPU
+        data.update({k: v.to(args.device) for k, v in data.items() if torch.is_tensor(v)})
+    return data
+
+
+def to_model_space(x, device):
+    """uint8 images -> floats in [-1, 1] on the device (latents pass through)."""
+    x = x.to(device, non_blocking=True)
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch, a function of (seed, epoch) alone."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: validation loss per t, sample grids, FID
+# ----------------------------------------------------------------------------------------------------
+
+def autocast(args):
+    """bf16 autocast when asked for, else a no-op context."""
+    return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+@torch.no_grad()
+def validation_loss(model, data, args):
+    """Flow-matching loss on the validation subset at each t of VAL_T, with fixed noise: (mean, per-t list)."""
+    per_t = []
+    for j, t in enumerate(VAL_T):
+        total = 0.0
+        for i in range(0, len(data["val_x"]), args.batch_size):
+            x1 = to_model_space(data["val_x"][i:i + args.batch_size], args.device)
+            y = data["val_y"][i:i + args.batch_size].to(args.device)
+            g = torch.Generator(args.device).manual_seed(1_000_003 * (j + 1) + i)
+            x0 = torch.randn(x1.shape, device=args.device, generator=g)
+            with autocast(args):
+                loss = flow_matching_loss(model, x1, y, t=torch.full((len(x1),), t, device=args.device), x0=x0,
+                                          reduction="none")
+            total += loss.sum().item()
+        per_t.append(total / len(data["val_x"]))
+    return sum(per_t) / len(per_t), per_t
+
+
+@torch.no_grad()
+def generate(model, n, args, seed=0, labels=None):
+    """n samples from fixed noise (seed) and labels (0, 1, 2, ... by default) with the chosen sampler."""
+    g = torch.Generator(args.device).manual_seed(seed)
+    x0 = torch.randn(n, model.in_channels, model.input_size, model.input_size, device=args.device, generator=g)
+    y = torch.arange(n, device=args.device) % model.num_classes if labels is None else labels
+    with autocast(args):
+        return sample(model, x0, y, steps=args.sample_steps, method=args.sampler, cfg_scale=args.cfg_scale,
+                      generator=g).float()
+
+
+def save_grid(x, path, nrow=10):
+    """Samples in [-1, 1] (3 channels) -> a PNG grid."""
+    from torchvision.utils import save_image
+    save_image((x[:, :3].clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1)
+
+
+def load_inception(device, pretrained=True):
+    """torchvision's Inception-v3 returning 2048-d pool features; None (with one line) when weights can't be had."""
+    from torchvision.models import Inception_V3_Weights, inception_v3
+    try:
+        net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1 if pretrained else None,
+                           aux_logits=pretrained, init_weights=not pretrained)
+    except Exception as e:
+        print(f"FID skipped: torchvision's Inception-v3 weights could not be loaded ({type(e).__name__}: {e})")
+        return None
+    net.fc = torch.nn.Identity()
+    return net.eval().to(device)
+
+
+@torch.no_grad()
+def inception_features(net, images, device, batch=200):
+    """Pool features (N, 2048, float64) of images in [-1, 1], resized to 299 and ImageNet-normalised."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    feats = []
+    for i in range(0, len(images), batch):
+        x = (images[i:i + batch].to(device).float().clamp(-1, 1) + 1) / 2
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        feats.append(net((x - mean) / std).double().cpu())
+    return torch.cat(feats)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), the trace term from the eigenvalues of C1^(1/2) C2 C1^(1/2)."""
+    w, V = torch.linalg.eigh(cov1)
+    sqrt1 = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T
+    cross = torch.linalg.eigvalsh(sqrt1 @ cov2 @ sqrt1).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * cross).item()
+
+
+def feature_stats(f):
+    """Mean and covariance of (N, D) features."""
+    return f.mean(0), torch.cov(f.T)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints and logs
+# ----------------------------------------------------------------------------------------------------
+
+def save_checkpoint(state, path):
+    """torch.save to a temporary file, then an atomic rename: a crash never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def model_config(args, data, routing):
+    """DiT keyword arguments of one arm; channels and size follow the data."""
+    x = data["train_x"]
+    if x.shape[-1] % args.patch_size != 0:
+        raise ValueError(f"image size {x.shape[-1]} is not divisible by the patch size {args.patch_size}")
+    return dict(input_size=x.shape[-1], patch_size=args.patch_size, in_channels=x.shape[1],
+                hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
+                class_dropout_prob=args.class_dropout, num_classes=data["num_classes"], routing=routing,
+                dar_query=args.dar_query, dar_chunk=args.dar_chunk)
+
+
+class Log:
+    """Append-only JSONL log of one arm; on resume, records after the checkpoint's step are dropped."""
+
+    def __init__(self, path, keep_until=None):
+        self.path = path
+        records = self.read(path) if keep_until is not None else []
+        self.records = [r for r in records if r["step"] <= keep_until] if keep_until is not None else []
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
+
+    @staticmethod
+    def read(path):
+        """The records of a JSONL log ([] when it does not exist)."""
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def write(self, **record):
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training one arm
+# ----------------------------------------------------------------------------------------------------
+
+def evaluate(ema, data, args, step, log, arm_dir, fid_ref):
+    """Validation loss (and samples, FID when due) of the EMA weights; one log record."""
+    val, per_t = validation_loss(ema, data, args)
+    record = dict(kind="eval", step=step, val_loss=val, val_loss_per_t=per_t)
+    if data["images"]:
+        save_grid(generate(ema, 100, args), os.path.join(arm_dir, f"samples_{step:07d}.png"))
+    if fid_ref is not None and args.fid_every and (step % args.fid_every == 0 or step == args.steps):
+        net, mu, cov = fid_ref
+        fake = torch.cat([generate(ema, min(500, args.fid_samples - i), args, seed=1 + i)
+                          for i in range(0, args.fid_samples, 500)])
+        record["fid"] = frechet_distance(*feature_stats(inception_features(net, fake, args.device)), mu, cov)
+    log.write(**record)
+    return record
+
+
+def train_arm(args, data, routing, arm_dir, fid_ref=None):
+    """Trains one arm (routing) for args.steps steps, evaluating, logging and checkpointing; returns its eval records."""
+    os.makedirs(arm_dir, exist_ok=True)
+    config = model_config(args, data, routing)
+    torch.manual_seed(args.seed)                                   # same init for both arms: the router comes last
+    model = DiT(**config).to(args.device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    ckpt_path, start = os.path.join(arm_dir, "ckpt.pt"), 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=False)
+        if ckpt["config"] != config:
+            diff = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
+            raise ValueError(f"cannot resume {ckpt_path}: it was made with another model configuration "
+                             f"(checkpoint vs now: {diff})")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+        print(f"[{routing}] resumed from {ckpt_path} at step {start}")
+    log = Log(os.path.join(arm_dir, "log.jsonl"), keep_until=start if args.resume else None)
+    with open(os.path.join(arm_dir, "config.json"), "w") as f:
+        json.dump(dict(model=config, args={k: v for k, v in vars(args).items()},
+                       params=sum(p.numel() for p in model.parameters())), f, indent=1)
+    step_fn = torch.compile(model) if args.compile else model
+    n, B = len(data["train_x"]), args.batch_size
+    steps_per_epoch = max(1, n // B)
+    pending, order, eval_time, t_start, last = [], None, 0.0, time.time(), (start, time.time())
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=routing, dynamic_ncols=True,
+               disable=None)
+
+    def flush(step):
+        """Check the losses of the steps since the last flush (one sync); stop on a non-finite one."""
+        nonlocal pending
+        if not pending:
+            return None
+        losses = torch.stack(pending).float().cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            raise RuntimeError(f"[{routing}] non-finite loss at step {step - len(pending) + int(bad[0]) + 1}; "
+                               f"stopped. The last good checkpoint is {ckpt_path} (if one was written).")
+        pending = []
+        return losses.mean().item()
+
+    for step in range(start, args.steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        if order is None or order[0] != epoch:
+            order = (epoch, epoch_order(n, args.seed, epoch).to(data["train_x"].device))
+        idx = order[1][i * B:(i + 1) * B]
+        g = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + step)   # t, noise, flips, label drop
+        x1 = to_model_space(data["train_x"][idx], args.device)
+        flip = torch.rand(len(idx), device=args.device, generator=g) < 0.5
+        x1 = torch.where(flip[:, None, None, None], x1.flip(-1), x1)                  # random horizontal flip
+        y = data["train_y"][idx].to(args.device)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        with autocast(args):
+            loss = flow_matching_loss(step_fn, x1, y, generator=g, t_sampling=args.t_sampling)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))                          # EMA with a short warm-up
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        pending.append(loss.detach())
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            mean_loss = flush(done)
+            rate = (done - last[0]) / max(time.time() - last[1], 1e-9)
+            last = (done, time.time())
+            log.write(kind="train", step=done, loss=mean_loss, lr=lr, steps_per_s=rate, images_per_s=rate * B)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.1e}", it_s=f"{rate:.2f}", img_s=f"{rate * B:.0f}")
+        if done % args.eval_every == 0 or done == args.steps:
+            flush(done)
+            t_eval = time.time()
+            record = evaluate(ema, data, args, done, log, arm_dir, fid_ref)
+            eval_time += time.time() - t_eval
+            tqdm.write(f"[{routing}] step {done}: val loss {record['val_loss']:.4f}"
+                       + (f", FID {record['fid']:.2f}" if "fid" in record else ""))
+            last = (done, time.time())                                                 # keep eval out of the rates
+        if done % args.ckpt_every == 0 or done == args.steps:
+            flush(done)
+            save_checkpoint(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
+                                 config=config, seed=args.seed,
+                                 data_position=dict(epoch=epoch, index_in_epoch=i + 1)), ckpt_path)
+        bar.update(1)
+    bar.close()
+    log.write(kind="done", step=args.steps, train_seconds=time.time() - t_start - eval_time, eval_seconds=eval_time,
+              device=machine(), resumed_from=start)
+    return log.records
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark: step time and peak memory of DAR against the residual baseline
+# ----------------------------------------------------------------------------------------------------
+
+def bench_arms(args):
+    """(label, DiT overrides, compiled) of every benchmarked arm: variants at the preset depth, then a depth sweep."""
+    arms = [("residual", dict(routing="residual"), False)]
+    arms += [(f"dar {q} c4", dict(dar_query=q, dar_chunk=4), False) for q in ("static", "static_t", "dynamic")]
+    arms += [(f"dar static_t c{S}", dict(dar_query="static_t", dar_chunk=S), False) for S in (1, 2, 8)]
+    if args.device.startswith("cuda"):
+        arms += [("residual compiled", dict(routing="residual"), True),
+                 ("dar static_t c4 compiled", dict(dar_query="static_t", dar_chunk=4), True)]
+    for depth in (6, 12, 28):
+        arms += [(f"depth {depth} residual", dict(depth=depth, routing="residual"), False)]
+        arms += [(f"depth {depth} dar static_t c{S}", dict(depth=depth, dar_query="static_t", dar_chunk=S), False)
+                 for S in (1, 4)]
+    return arms
+
+
+def bench_setup(args, overrides, compiled):
+    """A model, its optimiser and a one-step closure for one benchmark arm (random data, fixed shapes)."""
+    torch.manual_seed(0)
+    config = dict(input_size=args.image_size, patch_size=args.patch_size, hidden_size=args.hidden_size,
+                  depth=args.depth, num_heads=args.num_heads, routing="dar")
+    model = DiT(**dict(config, **overrides)).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    fn = torch.compile(model) if compiled else model
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
+    y = torch.randint(0, 10, (args.batch_size,), device=args.device)
+    g = torch.Generator(args.device).manual_seed(0)
+
+    def step():
+        with autocast(args):
+            loss = flow_matching_loss(fn, x, y, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model, step
+
+
+def cpu_peak_memory(args, overrides, queue):
+    """Child process: growth of the peak resident memory (VmHWM, reset first) over building one arm and two steps."""
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                                      # reset the high-water mark to now
+    base = status("VmRSS:")
+    _, step = bench_setup(args, overrides, False)
+    step(), step()
+    queue.put(status("VmHWM:") - base)
+
+
+def peak_memory(args, overrides, compiled):
+    """Peak memory of one arm: CUDA max allocated, or a forked child's peak RSS growth on the CPU."""
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        model, step = bench_setup(args, overrides, compiled)
+        step(), step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del model, step
+        return peak
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=cpu_peak_memory, args=(args, overrides, queue))
+    child.start()
+    peak = queue.get()
+    child.join()
+    return peak
+
+
+def matmul_flops(args, depth):
+    """Matmul FLOPs of one training step (forward + backward = 3x forward) of the residual DiT."""
+    d, N = args.hidden_size, (args.image_size // args.patch_size) ** 2
+    return 3 * 2 * args.batch_size * N * depth * (12 * d * d + 2 * N * d)
+
+
+def bench(args):
+    """Step time (median, min, max over alternated repeats) and peak memory of every arm; JSON and a markdown table."""
+    import statistics
+    arms = bench_arms(args)
+    print(f"bench on {machine()}: batch {args.batch_size}, {args.image_size}px, patch {args.patch_size}, "
+          f"width {args.hidden_size}, depth {args.depth}, {args.precision}")
+    memory = {label: None if c else peak_memory(args, o, c) for label, o, c in arms}   # compiled: time only
+    runs = {label: bench_setup(args, o, c)[1] for label, o, c in arms}
+    times = {label: [] for label, _, _ in arms}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for rep in range(args.bench_repeats + 2):                          # two warm-up rounds (and compilation)
+        for label, step in list(runs.items()):                           # arms alternated within each round
+            sync()
+            t0 = time.perf_counter()
+            try:
+                step()
+            except Exception as e:                                       # e.g. torch.compile unavailable here
+                print(f"{label}: dropped ({type(e).__name__}: {str(e)[:200]})")
+                runs.pop(label)
+                continue
+            sync()
+            if rep >= 2:
+                times[label].append(time.perf_counter() - t0)
+    arms = [a for a in arms if a[0] in runs]
+    rows = []
+    for label, o, c in arms:
+        ref = "depth {} residual".format(o["depth"]) if "depth" in o else ("residual compiled" if c else "residual")
+        med = statistics.median(times[label])
+        row = dict(arm=label, median_ms=1e3 * med, min_ms=1e3 * min(times[label]), max_ms=1e3 * max(times[label]),
+                   peak_memory_mb=memory[label] / 2 ** 20 if memory[label] is not None else None, reference=ref)
+        rows.append(row)
+    by = {r["arm"]: r for r in rows}
+    for r in rows:
+        r["time_ratio"] = r["median_ms"] / by[r["reference"]]["median_ms"]
+        ref_mb = by[r["reference"]]["peak_memory_mb"]
+        r["memory_ratio"] = r["peak_memory_mb"] / ref_mb if r["peak_memory_mb"] and ref_mb else None
+    result = dict(machine=machine(), torch=torch.__version__, command=" ".join(["python"] + sys.argv),
+                  config=dict(batch_size=args.batch_size, image_size=args.image_size, patch_size=args.patch_size,
+                              hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
+                              precision=args.precision, repeats=args.bench_repeats), rows=rows)
+    if args.device.startswith("cuda"):
+        peak = 989e12                                                     # H100/H200 SXM dense bf16, datasheet
+        for r in rows:
+            if r["arm"] in ("residual", "residual compiled"):
+                r["mfu"] = matmul_flops(args, args.depth) / (r["median_ms"] / 1e3) / peak
+        result["mfu_peak_flops"] = peak
+    lines = ["| arm | step ms (median) | min-max | x residual | peak MB | x residual |", "|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    lines += [f"| {r['arm']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {r['time_ratio']:.3f} | "
+              f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['memory_ratio'], '.3f')} |"
+              + (f" MFU {r['mfu']:.1%}" if "mfu" in r else "") for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(f"{result['machine']}, torch {result['torch']}\n\n`{result['command']}`\n\n{table}\n")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Comparison, sampling from a checkpoint, entry point
+# ----------------------------------------------------------------------------------------------------
+
+def steps_to_reach(evals, target):
+    """First evaluated step whose val loss <= target, and a linear interpolation between evaluations."""
+    prev = None
+    for r in evals:
+        if r["val_loss"] <= target:
+            if prev is None:
+                return r["step"], float(r["step"])
+            frac = (prev["val_loss"] - target) / (prev["val_loss"] - r["val_loss"])
+            return r["step"], prev["step"] + frac * (r["step"] - prev["step"])
+        prev = r
+    return None, None
+
+
+def compare(records, args):
+    """compare.json (and compare.png with matplotlib) from the log records of the residual and DAR arms."""
+    arms = {k: [r for r in v if r["kind"] == "eval"] for k, v in records.items()}
+    done = {k: [r for r in v if r["kind"] == "done"] for k, v in records.items()}
+    res, dar = arms["residual"], arms["dar"]
+    target = res[-1]["val_loss"]
+    first, interp = steps_to_reach(dar, target)
+    summary = dict(
+        val_t_grid=VAL_T,
+        arms={k: dict(steps=[r["step"] for r in v], val_loss=[r["val_loss"] for r in v],
+                      val_loss_per_t=[r["val_loss_per_t"] for r in v], final_val_loss=v[-1]["val_loss"],
+                      train_seconds=done[k][-1]["train_seconds"] if done[k] else None,
+                      **({"fid": [r.get("fid") for r in v]} if any("fid" in r for r in v) else {}))
+              for k, v in arms.items()},
+        residual_final_step=res[-1]["step"], residual_final_val_loss=target,
+        dar_steps_to_residual_final=first, dar_steps_to_residual_final_interpolated=interp,
+        speedup_in_steps=(res[-1]["step"] / interp) if interp else None,
+        command=" ".join([os.path.basename(sys.executable)] + sys.argv), machine=machine())
+    with open(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"final val loss: residual {target:.4f}, DAR {dar[-1]['val_loss']:.4f}")
+    if interp:
+        print(f"DAR reached the residual arm's final val loss at step ~{interp:.0f} of {res[-1]['step']} "
+              f"({summary['speedup_in_steps']:.2f}x fewer steps)")
+    else:
+        print("DAR did not reach the residual arm's final val loss within the run")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: compare.png not written (compare.json has the numbers)")
+        return summary
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, v in arms.items():
+        ax.plot([r["step"] for r in v], [r["val_loss"] for r in v], marker="o", label=k)
+    ax.axhline(target, color="gray", lw=0.5, ls="--")
+    ax.set(xlabel="step", ylabel="validation flow-matching loss (EMA)", title=os.path.basename(args.out.rstrip("/")))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "compare.png"), dpi=120)
+    plt.close(fig)
+    return summary
+
+
+def machine():
+    """A short description of the machine a run is on."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (torch {torch.__version__})"
+
+
+def sample_only(args):
+    """--sample-only: a grid PNG and an .npz of uint8 NHWC samples from a checkpoint's EMA weights."""
+    import numpy as np
+    if not args.ckpt or not os.path.isfile(args.ckpt):
+        raise ValueError(f"--sample-only needs --ckpt pointing to a checkpoint file, got {args.ckpt!r}")
+    ckpt = torch.load(args.ckpt, map_location=args.device, weights_only=False)
+    model = DiT(**ckpt["config"]).to(args.device).eval()
+    model.load_state_dict(ckpt["ema"])
+    x = torch.cat([generate(model, min(500, args.num_samples - i), args, seed=1 + i)
+                   for i in range(0, args.num_samples, 500)])
+    stem = os.path.splitext(args.ckpt)[0] + f"_samples{args.num_samples}"
+    save_grid(x[:100], stem + ".png")
+    images = ((x[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    np.savez(stem + ".npz", images=images)
+    print(f"wrote {stem}.png and {stem}.npz ({len(images)} samples)")
+
+
+def main(argv=None):
+    """Parses options and runs: --bench, --sample-only, or training of each arm (and the comparison)."""
+    args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.bench:
+        return bench(args)
+    if args.sample_only:
+        return sample_only(args)
+    data = load_data(args)
+    os.makedirs(args.out, exist_ok=True)
+    print(f"{args.dataset}: {len(data['train_x'])} train, {len(data['val_x'])} val, "
+          f"{tuple(data['train_x'].shape[1:])}, {data['num_classes']} classes; device {args.device}")
+    fid_ref = None
+    if args.fid_every and data["images"]:
+        net = load_inception(args.device)
+        if net is not None:
+            cache = os.path.join(args.out, f"fid_ref_{args.dataset}_{args.fid_samples}.pt")
+            if not os.path.exists(cache):
+                real = to_model_space(data["train_x"][:args.fid_samples], "cpu")
+                save_checkpoint(feature_stats(inception_features(net, real, args.device)), cache)
+            fid_ref = (net, *torch.load(cache))
+    arms = {}
+    for routing in args.arms:
+        t0 = time.time()
+        arms[routing] = train_arm(args, data, routing, os.path.join(args.out, routing), fid_ref)
+        print(f"[{routing}] done in {time.time() - t0:.0f} s")
+    if len(arms) == 2:
+        return compare(arms, args)
+    return arms
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
