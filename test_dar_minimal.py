@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dar_minimal import DiT, chunk_sources, flow_matching_loss, guided, residual_to_dar, sample
+from dar_minimal import DiT, Sources, chunk_sources, flow_matching_loss, guided, residual_to_dar, sample
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=3, num_heads=4)
 QUERIES = ["static", "static_t", "dynamic"]
@@ -105,6 +105,53 @@ def test_zero_query_dense_dar_equals_residual(query):
     assert (a - b).norm() / a.norm() < 1e-4
 
 
+def plain_dar_forward(model, x, t, y):
+    """DAR as the method page writes it, with nothing folded or buffered: the oracle for dar_minimal's fast path."""
+    router, d = model.router, model.pos_embed.shape[-1]
+    t_emb = model.t_embedder(t)
+    c = t_emb + model.y_embedder(y)
+    v = [model.x_embedder(x) + model.pos_embed]
+
+    def read(l):                                                      # h_l = sum_i alpha_{i->l} v_i
+        g = router.key_weight[l - 1]
+        if router.query == "dynamic":
+            q = v[l - 1] @ router.W_q[l - 1].T                        # per token
+        else:
+            q = router.w[l - 1] + (router.e(t_emb) if router.query == "static_t" else 0)
+            q = q.reshape(-1, 1, d) if q.ndim == 2 else q
+        keys = [v_i / torch.sqrt(v_i.pow(2).mean(-1, keepdim=True) + 1e-6) * g for v_i in
+                (v[i] for i in router.sources[l - 1])]                 # RMSNorm with its learnable weight
+        alpha = torch.stack([(q * k).sum(-1) / math.sqrt(d) for k in keys], -1).softmax(-1)
+        return sum(alpha[..., j:j + 1] * v[i] for j, i in enumerate(router.sources[l - 1]))
+    for block in model.blocks:
+        for f in block.sublayers(c):
+            v.append(f(read(len(v))))
+    return model.unpatchify(model.final_layer(read(len(v)), c))[:, :model.in_channels]
+
+
+@pytest.mark.parametrize("query,chunk", [(q, S) for q in QUERIES for S in (1, 2, 4, 5, 9)])
+def test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chunk):
+    model = randomize(DiT(**TINY, dar_query=query, dar_chunk=chunk)).double()
+    x, t, y = inputs(dtype=torch.float64)
+    out = model(x, t, y)
+    ref = plain_dar_forward(model, x, t, y)
+    assert (out - ref).norm() / ref.norm() < 1e-10
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), list(model.parameters())[1:])   # all but the fixed pos_embed
+    ref_grads = torch.autograd.grad((ref * w).sum(), list(model.parameters())[1:])
+    for (name, _), g, r in zip(list(model.named_parameters())[1:], grads, ref_grads):
+        assert (g - r).norm() <= 1e-8 * (r.norm() + 1e-12), name
+
+
+def test_compiled_path_plain_sum_equals_slot_buffers(monkeypatch):
+    """Under torch.compile the router returns the plain sum; check that path (in eager, by pretending)."""
+    model = randomize(DiT(**TINY, dar_query="static_t", dar_chunk=4)).double()
+    x, t, y = inputs(dtype=torch.float64)
+    fast = model(x, t, y)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.allclose(model(x, t, y), fast, rtol=1e-10, atol=1e-10)
+
+
 def test_chunked_dar_differs_from_residual():
     residual = randomize(DiT(**TINY, routing="residual")).double()
     dar = residual_to_dar(residual, dar_chunk=2).double()
@@ -166,10 +213,12 @@ def router_alpha(model, v, t):
     """The weights every reader of `model` gives fixed sources v at time t (keys fixed, only q(t) may move)."""
     router = model.router
     q = router.static_queries(model.t_embedder(t))
-    s = [router.key_scores(v_i, q) for v_i in v]
+    src = Sources(router, v[0], q, torch.float32)
     router.record_alpha, router.alpha = True, []
     for l in range(1, len(v) + 1):
-        router(l, v, s, q)
+        router(l, src, q)
+        if l < len(v):
+            src.add(v[l])
     return router.alpha
 
 
@@ -222,9 +271,9 @@ def test_routing_weights_read_out_are_those_of_the_forward():
     model.router.record_alpha = True
     original = model.router.forward
 
-    def spy(l, v, s, q):
-        sources[:] = v
-        return original(l, v, s, q)
+    def spy(l, src, q):
+        sources[:] = src.v
+        return original(l, src, q)
     model.router.forward = spy
     out = model(x, t, y)
     alpha = model.routing_weights()[-1]
@@ -329,3 +378,164 @@ def test_bad_input_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="method"):
         sample(model, x, y, steps=1, method="rk4")
     flow_matching_loss(model, x, torch.tensor([0, 1, 2, 10]))         # the null class itself is a valid label
+
+
+# ================================================================================================ train_cifar.py
+
+import json
+import os
+
+import numpy as np
+
+import train_cifar
+
+
+def run(tmp_path, *extra, out="run"):
+    """train_cifar.main with a micro model on the built-in shapes data (16 px), returning the output folder."""
+    out = str(tmp_path / out)
+    argv = ["--dataset", "shapes", "--image-size", "16", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
+            "--patch-size", "4", "--batch-size", "8", "--steps", "4", "--val-size", "16", "--sample-steps", "2",
+            "--log-every", "1", "--device", "cpu", "--out", out] + list(extra)
+    train_cifar.main(argv)
+    return out
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_compare_end_to_end(tmp_path):
+    out = run(tmp_path, "--routing", "residual,dar", "--eval-every", "2")
+    for arm in ("residual", "dar"):
+        for name in ("log.jsonl", "config.json", "ckpt.pt", "samples_0000002.png", "samples_0000004.png"):
+            assert os.path.exists(os.path.join(out, arm, name)), (arm, name)
+        evals = [r for r in read_log(os.path.join(out, arm, "log.jsonl")) if r["kind"] == "eval"]
+        assert [r["step"] for r in evals] == [2, 4] and len(evals[0]["val_loss_per_t"]) == 8
+    with open(os.path.join(out, "compare.json")) as f:
+        c = json.load(f)
+    for key in ("arms", "residual_final_val_loss", "dar_steps_to_residual_final", "speedup_in_steps", "val_t_grid"):
+        assert key in c
+    assert c["arms"]["dar"]["steps"] == [2, 4] and len(c["arms"]["residual"]["val_loss"]) == 2
+    assert c["residual_final_val_loss"] == c["arms"]["residual"]["final_val_loss"]
+
+
+def test_both_arms_start_from_the_same_weights():
+    torch.manual_seed(3)
+    residual = DiT(**TINY, routing="residual").state_dict()
+    torch.manual_seed(3)
+    dar = DiT(**TINY, routing="dar").state_dict()
+    assert all(torch.equal(residual[k], dar[k]) for k in residual)
+
+
+def test_validation_is_identical_for_both_arms_and_every_evaluation(tmp_path):
+    args = train_cifar.parse_args(["--dataset", "shapes", "--image-size", "16", "--val-size", "16", "--device", "cpu"])
+    data = train_cifar.load_data(args)
+    model = randomize(DiT(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2)).eval()
+    assert train_cifar.validation_loss(model, data, args) == train_cifar.validation_loss(model, data, args)
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = run(tmp_path, "--routing", "dar", "--steps", "6", "--eval-every", "3", out="straight")
+    run(tmp_path, "--routing", "dar", "--steps", "3", "--eval-every", "3", out="resumed")
+    resumed = run(tmp_path, "--routing", "dar", "--steps", "6", "--eval-every", "3", "--resume", out="resumed")
+    losses = lambda out: [(r["step"], r["loss"]) for r in read_log(os.path.join(out, "dar", "log.jsonl"))
+                          if r["kind"] == "train"]
+    assert losses(straight) == losses(resumed) and len(losses(straight)) == 6
+    a = torch.load(os.path.join(straight, "dar", "ckpt.pt"), weights_only=False)
+    b = torch.load(os.path.join(resumed, "dar", "ckpt.pt"), weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]) for k in a["model"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = flow_matching_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 4 else loss
+    monkeypatch.setattr(train_cifar, "flow_matching_loss", poisoned)
+    with pytest.raises(RuntimeError, match="non-finite loss at step 4"):
+        run(tmp_path, "--routing", "residual", "--steps", "6", "--ckpt-every", "2", "--eval-every", "100")
+    ckpt = torch.load(os.path.join(tmp_path, "run", "residual", "ckpt.pt"), weights_only=False)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_shapes_are_deterministic_and_classes_differ():
+    x1, y1 = train_cifar.make_shapes(200, 16, seed=5)
+    x2, y2 = train_cifar.make_shapes(200, 16, seed=5)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.dtype == torch.uint8
+    assert not torch.equal(x1, train_cifar.make_shapes(200, 16, seed=6)[0])
+    means = torch.stack([x1[y1 == k].float().mean(0) for k in range(10)])           # class-mean images
+    distances = torch.cdist(means.flatten(1), means.flatten(1))
+    assert distances[~torch.eye(10, dtype=torch.bool)].min() > 100                    # every pair of classes differs
+
+
+def test_frechet_distance_matches_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    R = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]       # shared eigenvectors
+    a, b = torch.rand(6, generator=g, dtype=torch.float64) + 0.1, torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    fd = train_cifar.frechet_distance(mu1, R @ torch.diag(a) @ R.T, mu2, R @ torch.diag(b) @ R.T)
+    expected = (mu1 - mu2).pow(2).sum() + (a.sqrt() - b.sqrt()).pow(2).sum()
+    assert abs(fd - expected.item()) < 1e-9
+    assert abs(train_cifar.frechet_distance(mu1, R @ torch.diag(a) @ R.T, mu1, R @ torch.diag(a) @ R.T)) < 1e-9
+
+
+def test_fid_feature_path_runs_with_random_inception_weights():
+    net = train_cifar.load_inception("cpu", pretrained=False)
+    feats = train_cifar.inception_features(net, torch.rand(3, 3, 16, 16) * 2 - 1, "cpu")
+    assert feats.shape == (3, 2048) and torch.isfinite(feats).all()
+
+
+def test_latents_dataset(tmp_path):
+    x, y = torch.randn(40, 4, 8, 8), torch.randint(0, 5, (40,))
+    torch.save({"x": x, "y": y}, tmp_path / "z.pt")
+    np.savez(tmp_path / "z.npz", x=x.numpy(), y=y.numpy())
+    for f in ("z.pt", "z.npz"):
+        out = run(tmp_path, "--dataset", "latents", "--data-path", str(tmp_path / f), "--patch-size", "2",
+                  "--routing", "dar", "--steps", "2", out="out_" + f)
+        with open(os.path.join(out, "dar", "config.json")) as fh:
+            model = json.load(fh)["model"]
+        assert (model["in_channels"], model["input_size"], model["num_classes"]) == (4, 8, 5)
+
+
+def test_folder_dataset(tmp_path):
+    from torchvision.utils import save_image
+    for k, name in enumerate(["cat", "dog"]):
+        os.makedirs(tmp_path / "imgs" / name)
+        for i in range(12):
+            save_image(torch.rand(3, 20, 24) * (k + 1) / 2, tmp_path / "imgs" / name / f"{i}.png")
+    out = run(tmp_path, "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--routing", "residual",
+              "--steps", "2")
+    with open(os.path.join(out, "residual", "config.json")) as fh:
+        model = json.load(fh)["model"]
+    assert (model["in_channels"], model["input_size"], model["num_classes"]) == (3, 16, 2)
+
+
+def test_sample_only_writes_grid_and_npz(tmp_path):
+    out = run(tmp_path, "--routing", "dar", "--steps", "2")
+    ckpt = os.path.join(out, "dar", "ckpt.pt")
+    train_cifar.main(["--sample-only", "--ckpt", ckpt, "--num-samples", "5", "--sample-steps", "2", "--device", "cpu"])
+    images = np.load(os.path.join(out, "dar", "ckpt_samples5.npz"))["images"]
+    assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+    assert os.path.exists(os.path.join(out, "dar", "ckpt_samples5.png"))
+
+
+def test_train_cifar_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="ImageFolder directory"):
+        run(tmp_path, "--dataset", "folder", "--data-dir", str(tmp_path / "missing"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no images found"):
+        run(tmp_path, "--dataset", "folder", "--data-dir", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        run(tmp_path, "--patch-size", "3")
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--preset", "XL")                                             # argparse names the choices
+    with pytest.raises(ValueError, match="--routing"):
+        run(tmp_path, "--routing", "highway")
+    run(tmp_path, "--routing", "dar", "--steps", "2", out="cfg")
+    with pytest.raises(ValueError, match="another model configuration"):
+        run(tmp_path, "--routing", "dar", "--steps", "4", "--depth", "3", "--resume", out="cfg")
+    with pytest.raises(ValueError, match="--dataset shapes"):                        # offline CIFAR-10
+        train_cifar.main(["--dataset", "cifar10", "--data-root", str(tmp_path / "nocifar"), "--device", "cpu"])
