@@ -54,7 +54,7 @@ def parse_args(argv=None):
     a("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     a("--t-sampling", default="uniform", choices=["uniform", "logit_normal"])
     a("--precision", default="fp32", choices=["fp32", "bf16"])
-    a("--compile", action="store_true")
+    a("--compile", action="store_true", help="torch.compile the model (with --bench: add compiled arms)")
     a("--seed", type=int, default=0)
     a("--device", default="auto")
     a("--out", default="runs/default")
@@ -451,7 +451,7 @@ def bench_arms(args):
     arms = [("residual", dict(routing="residual"), False)]
     arms += [(f"dar {q} c4", dict(dar_query=q, dar_chunk=4), False) for q in ("static", "static_t", "dynamic")]
     arms += [(f"dar static_t c{S}", dict(dar_query="static_t", dar_chunk=S), False) for S in (1, 2, 8)]
-    if args.device.startswith("cuda"):
+    if args.compile:
         arms += [("residual compiled", dict(routing="residual"), True),
                  ("dar static_t c4 compiled", dict(dar_query="static_t", dar_chunk=4), True)]
     for depth in (6, 12, 28):
