@@ -230,14 +230,15 @@ class DepthRouter(nn.Module):
 # Keeping the sources so that h_l = sum_i alpha_i v_i is cheap
 #
 # Summing a Python list of sources costs about 3 memory passes per source forward and 9 backward, for every
-# (reader, source) pair: as slow as the sublayers themselves at small width. Instead, each source is copied once
-# into per-token buffers of shape (tokens, slots, d): one for the chunk summaries c_0, c_1, ..., and one per chunk
-# for its raw outputs. Every reader's sources are then two contiguous slot ranges, its mixture is two batched
-# matmuls that read each source once, and a hand-written backward adds alpha_i * dL/dh_l into gradient buffers in
-# place. A 0-dim "token" threads through every write and read so that autograd runs the backward of a write only
-# after the backward of every read that came after it. The maths is unchanged: the tests compare it with the
-# plain list sum, outputs and gradients. Under torch.compile the plain sum is used instead (see DepthRouter):
-# the compiler fuses it into one pass by itself.
+# (reader, source) pair. Instead, each source is copied once into per-token buffers of shape (tokens, slots, d):
+# one for the chunk summaries c_0, c_1, ..., and one per chunk for its raw outputs. Every reader's sources are
+# then two contiguous slot ranges, its mixture is two batched matmuls that read each source once, and a
+# hand-written backward adds alpha_i * dL/dh_l into gradient buffers in place. A 0-dim "token" threads through
+# every write and read so that autograd runs the backward of a write only after the backward of every read that
+# came after it. The maths is unchanged: the tests compare it with the plain list sum, outputs and gradients.
+# Measured (README, Cost): on the CPU this cuts DAR's overhead by about a third; on an H200, cuBLAS runs these
+# thin batched matmuls far below memory bandwidth (results/gpu/profile_step.json), so eager DAR still costs
+# ~1.7x there. Under torch.compile the plain sum is used instead (see DepthRouter) and fused by the compiler.
 # ----------------------------------------------------------------------------------------------------
 
 class SlotBuffer:
@@ -312,6 +313,7 @@ class Sources:
         self.add(v0)
 
     def write(self, v_i, buffer, slot):
+        """Copy v_i into buffer[:, slot], moving the token on."""
         self.token = WriteSlot.apply(v_i, self.token, buffer, slot)
 
     def add(self, v_i):
@@ -537,3 +539,101 @@ def sample(velocity_fn, x0, y=None, steps=50, method="euler", cfg_scale=1.0, nul
             noise = torch.randn(x.shape, device=x.device, generator=generator)
             x = x + dt * drift + torch.sqrt(w * dt) * noise
     return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Diagnostics: the paper's view of cross-layer information flow (method page, section 1)
+# ----------------------------------------------------------------------------------------------------
+
+def block_states(model):
+    """Registers hooks that collect z_k, the state each block k hands on: the block output (residual), or the
+    aggregated input of block k+1 and, for the last block, the final aggregator's output (DAR). Returns
+    (list filled by the next forward, a function that removes the hooks)."""
+    states = []
+    if model.routing == "residual":
+        hooks = [b.register_forward_hook(lambda m, i, out: states.append(out)) for b in model.blocks]
+    else:
+        readers = set(range(3, 2 * len(model.blocks), 2)) | {2 * len(model.blocks) + 1}   # inputs of blocks 2..D, final
+        hooks = [model.router.register_forward_hook(lambda m, i, out: states.append(out) if i[0] in readers else None)]
+    return states, lambda: [h.remove() for h in hooks]
+
+
+def rms(z):
+    """Root-mean-square over features, averaged over batch and tokens."""
+    return z.pow(2).mean(-1).sqrt().mean().item()
+
+
+def flow_statistics(model, x1, y, t, x0):
+    """Per block k at time t: forward RMS(z_k), gradient RMS(dL/dz_k) with L the velocity MSE, and the
+    per-token cosine similarity cos(z_k, z_{k+1}) averaged over batch and tokens (one value fewer)."""
+    states, remove = block_states(model)
+    loss = flow_matching_loss(model, x1, y, t=torch.full((len(x1),), t, device=x1.device), x0=x0)
+    remove()
+    grads = torch.autograd.grad(loss, states)
+    return dict(forward_rms=[rms(z) for z in states], gradient_rms=[rms(g) for g in grads],
+                cosine=[F.cosine_similarity(a, b, dim=-1).mean().item() for a, b in zip(states, states[1:])])
+
+
+@torch.no_grad()
+def routing_map(model, x1, y, ts, x0):
+    """alpha_{i->l}(t) averaged over batch and tokens, for every t in ts: a tensor (len(ts), L+1 readers,
+    L+1 sources), zero where source i is not in S_l."""
+    router, L = model.router, len(model.router.sources) - 1
+    out = torch.zeros(len(ts), L + 1, L + 1)
+    router.record_alpha = True
+    for k, t in enumerate(ts):
+        tt = torch.full((len(x1),), t, device=x1.device)
+        model(tt.view(-1, 1, 1, 1) * x1 + (1 - tt.view(-1, 1, 1, 1)) * x0, tt, y)
+        for l, alpha in enumerate(router.alpha):
+            out[k, l, router.sources[l]] = alpha.float().mean((0, 1)).cpu()
+    router.record_alpha = False
+    return out
+
+
+def gated_residual_forward(model, x, t, y, gates):
+    """The residual DiT unrolled, h_l = sum_{i<l} gates[l-1, i] v_i (final layer: row L): with gates = 1 it is the
+    plain forward, exactly; the gradient w.r.t. gates[l-1, i] is the counterfactual importance <v_i, dL/dh_l>."""
+    c = model.t_embedder(t) + model.y_embedder(y)
+    v = [model.x_embedder(x) + model.pos_embed]
+    mix = lambda l: sum(gates[l - 1, i] * v[i] for i in range(l)) if l > 1 else gates[0, 0] * v[0]
+    for block in model.blocks:
+        for f in block.sublayers(c):
+            v.append(f(mix(len(v))))
+    return model.unpatchify(model.final_layer(mix(len(v)), c))[:, :model.in_channels]
+
+
+def source_importance(model, x1, y, ts, x0):
+    """dL/dgate_{i->l} of the residual model at every t in ts, L the velocity MSE: (len(ts), L+1, L+1)."""
+    L = 2 * len(model.blocks)
+    out = torch.zeros(len(ts), L + 1, L + 1)
+    for k, t in enumerate(ts):
+        gates = torch.ones(L + 1, L + 1, device=x1.device, requires_grad=True)
+        tt = torch.full((len(x1),), t, device=x1.device)
+        xt = tt.view(-1, 1, 1, 1) * x1 + (1 - tt.view(-1, 1, 1, 1)) * x0
+        loss = (gated_residual_forward(model, xt, tt, y, gates) - (x1 - x0)).pow(2).mean()
+        out[k] = torch.tril(torch.autograd.grad(loss, gates)[0]).cpu()      # only i < l (row l-1) exist
+    return out
+
+
+def ridge_r2(X_fit, t_fit, X_test, t_test, lam=1e-2):
+    """R^2 on (X_test, t_test) of a ridge regression t ~ X fitted on (X_fit, t_fit), features standardised."""
+    mu, sd = X_fit.mean(0), X_fit.std(0) + 1e-8
+    A, B = (X_fit - mu) / sd, (X_test - mu) / sd
+    w = torch.linalg.solve(A.T @ A + lam * len(A) * torch.eye(A.shape[1], dtype=A.dtype), A.T @ (t_fit - t_fit.mean()))
+    residual = t_test - (B @ w + t_fit.mean())
+    return (1 - residual.pow(2).sum() / (t_test - t_test.mean()).pow(2).sum()).item()
+
+
+@torch.no_grad()
+def timestep_probe(model, x1, y, generator):
+    """How linearly readable t is from the token-pooled state at each depth: ridge R^2 per block, fitted and
+    scored on disjoint halves of (image, noise, t) triples; also R^2 from the raw x_t as the reference."""
+    n = len(x1) // 2
+    t = torch.rand(len(x1), generator=generator).to(x1.device)
+    x0 = torch.randn(x1.shape, generator=generator).to(x1.device)
+    xt = t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0
+    states, remove = block_states(model)
+    model(xt, t, y)
+    remove()
+    score = lambda X: ridge_r2(X[:n].double().cpu(), t[:n].double().cpu(), X[n:].double().cpu(), t[n:].double().cpu())
+    return dict(blocks=[score(z.mean(1)) for z in states], raw_xt=score(xt.flatten(1)))

@@ -539,3 +539,87 @@ def test_train_cifar_bad_input(tmp_path):
         run(tmp_path, "--routing", "dar", "--steps", "4", "--depth", "3", "--resume", out="cfg")
     with pytest.raises(ValueError, match="--dataset shapes"):                        # offline CIFAR-10
         train_cifar.main(["--dataset", "cifar10", "--data-root", str(tmp_path / "nocifar"), "--device", "cpu"])
+
+
+# ================================================================================================ diagnostics
+
+from dar_minimal import flow_statistics, gated_residual_forward, ridge_r2, routing_map, source_importance  # noqa: E402
+
+
+@pytest.mark.parametrize("routing", ["residual", "dar"])
+def test_flow_statistics_at_init_are_known_by_hand(routing):
+    """adaLN-Zero: every sublayer output is 0, so z_k = h_0 (residual) or h_0 / |S_l| (DAR, uniform weights):
+    RMS known, neighbouring states parallel (cos = 1), and the zero output layer passes no gradient back."""
+    model = DiT(**TINY, routing=routing, dar_chunk=2).eval()
+    x, _, y = inputs()
+    h0 = model.x_embedder(x) + model.pos_embed
+    s = flow_statistics(model, x, y, 1.0, torch.randn_like(x))
+    rms0 = h0.pow(2).mean(-1).sqrt().mean().item()
+    sizes = [1, 1, 1] if routing == "residual" else [len(chunk_sources(l, 6, 2)) for l in (3, 5, 7)]
+    assert s["forward_rms"] == pytest.approx([rms0 / k for k in sizes], rel=1e-5)
+    assert s["cosine"] == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert s["gradient_rms"] == [0.0, 0.0, 0.0]
+
+
+def test_rms_of_a_hand_made_state():
+    from dar_minimal import rms
+    z = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[-2.0, 2.0], [1.0, 1.0]]])       # per-token RMS: 3.54, 0, 2, 1
+    assert rms(z) == pytest.approx((12.5 ** 0.5 + 0 + 2 + 1) / 4)
+
+
+def test_gated_residual_forward_is_exact_and_gate_gradients_are_dot_products():
+    model = randomize(DiT(**TINY, routing="residual")).double().eval()
+    x, t, y = inputs(dtype=torch.float64)
+    gates = torch.ones(7, 7, dtype=torch.float64, requires_grad=True)
+    out = gated_residual_forward(model, x, t, y, gates)
+    assert torch.equal(out, model(x, t, y))                            # the forward stays exactly the same
+    # dL/dgate_{i->l} = <v_i, dL/dh_l>: capture h_l and v_i through the sublayer inputs
+    hs = []
+    hooks = [b.norm1.register_forward_hook(lambda m, i, o: hs.append(i[0])) for b in model.blocks]
+    hooks += [b.norm2.register_forward_hook(lambda m, i, o: hs.append(i[0])) for b in model.blocks]
+    hooks.append(model.final_layer.norm_final.register_forward_hook(lambda m, i, o: hs.append(i[0])))
+    out = gated_residual_forward(model, x, t, y, gates)
+    for h in hooks:
+        h.remove()
+    loss = out.pow(2).sum()
+    g_gates = torch.autograd.grad(loss, gates, retain_graph=True)[0]
+    g_h = torch.autograd.grad(loss, hs)
+    v = [hs[0]] + [hs[k] - hs[k - 1] for k in range(1, 7)]             # with gates = 1: v_i = h_{i+1} - h_i
+    for l in (2, 5, 7):
+        for i in range(l):
+            assert torch.isclose(g_gates[l - 1, i], (v[i] * g_h[l - 1]).sum(), rtol=1e-8)
+
+
+def test_source_importance_and_routing_map_shapes_and_sums():
+    residual = randomize(DiT(**TINY, routing="residual")).eval()
+    x, _, y = inputs()
+    imp = source_importance(residual, x, y, [0.2, 0.8], torch.randn_like(x))
+    assert imp.shape == (2, 7, 7) and torch.equal(imp, torch.tril(imp)) and imp.abs().sum() > 0
+    dar = randomize(DiT(**TINY, dar_chunk=2)).eval()
+    alpha = routing_map(dar, x, y, [0.2, 0.8], torch.randn_like(x))
+    assert alpha.shape == (2, 7, 7) and torch.allclose(alpha.sum(-1), torch.ones(2, 7), atol=1e-5)
+    assert alpha[0, 4, 1] == 0                                         # reader 5 (chunk 3) does not read v_1
+
+
+def test_timestep_probe_recovers_linear_t_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(400, generator=g, dtype=torch.float64)
+    noise = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    X = torch.cat([(3 * t - 1).unsqueeze(1) @ torch.randn(1, 16, generator=g, dtype=torch.float64) + 0.01 * noise], 1)
+    assert ridge_r2(X[:200], t[:200], X[200:], t[200:]) > 0.98
+    assert abs(ridge_r2(noise[:200], t[:200], noise[200:], t[200:])) < 0.15
+
+
+def test_diagnose_command_writes_json_and_pictures(tmp_path):
+    for arm in ("residual", "dar"):
+        run(tmp_path, "--routing", arm, "--steps", "2", out=arm)
+    out = str(tmp_path / "diag")
+    train_cifar.main(["--diagnose", str(tmp_path / "residual" / "residual" / "ckpt.pt"),
+                      str(tmp_path / "dar" / "dar" / "ckpt.pt"), "--dataset", "shapes", "--image-size", "16",
+                      "--val-size", "16", "--device", "cpu", "--out", out])
+    with open(os.path.join(out, "diagnostics.json")) as f:
+        report = json.load(f)
+    assert set(report) == {"residual", "dar"}
+    assert len(report["dar"]["flow"]["1.0"]["forward_rms"]) == 2 and len(report["dar"]["probe"]["blocks"]) == 2
+    names = os.listdir(out)
+    assert "routing_dar_reader5.png" in names and "importance_residual_t0.5.png" in names

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dar_minimal import DiT, flow_matching_loss, sample
 
 PRESETS = {  # depth, width, heads, patch, batch, lr, ema decay, steps
-    "tiny": dict(depth=8, hidden_size=128, num_heads=4, patch_size=4, batch_size=128, lr=3e-4, ema_decay=0.999, steps=800),
+    "tiny": dict(depth=8, hidden_size=128, num_heads=4, patch_size=4, batch_size=64, lr=3e-4, ema_decay=0.999, steps=400),
     "S": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2, batch_size=256, lr=2e-4, ema_decay=0.9999, steps=50000),
     "B": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, batch_size=256, lr=1e-4, ema_decay=0.9999, steps=50000),
 }
@@ -71,6 +71,7 @@ def parse_args(argv=None):
     a("--sample-only", action="store_true", help="write samples of --ckpt and stop")
     a("--ckpt", help="--sample-only: the checkpoint")
     a("--num-samples", type=int, default=100)
+    a("--diagnose", nargs="+", metavar="CKPT", help="diagnostics of one or two checkpoints (see diagnose())")
     a("--bench", action="store_true", help="time training steps of residual vs DAR variants (see bench())")
     a("--bench-repeats", type=int, default=5, help="--bench: timed steps per arm (after warm-up)")
     args = p.parse_args(argv)
@@ -323,6 +324,7 @@ class Log:
             return [json.loads(line) for line in f if line.strip()]
 
     def write(self, **record):
+        """Append one record (a dict with at least kind and step)."""
         self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -585,6 +587,104 @@ def bench(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Diagnostics of trained checkpoints (--diagnose CKPT [CKPT2])
+# ----------------------------------------------------------------------------------------------------
+
+def save_heatmap(mat, path, xlabel, ylabel, title):
+    """A matrix as a PNG heatmap: with matplotlib when installed, else a bare colour image through torchvision."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from torchvision.utils import save_image
+        m = (mat - mat.min()) / (mat.max() - mat.min() + 1e-12)
+        ramp = torch.tensor([[0.27, 0.0, 0.33], [0.13, 0.56, 0.55], [0.99, 0.91, 0.14]])   # dark -> teal -> yellow
+        pos = m * 2
+        lo = pos.floor().clamp(max=1).long()
+        rgb = ramp[lo] * (1 - (pos - lo)[..., None]) + ramp[lo + 1] * (pos - lo)[..., None]
+        save_image(rgb.permute(2, 0, 1).repeat_interleave(16, 1).repeat_interleave(16, 2), path)
+        return
+    fig, ax = plt.subplots(figsize=(1.2 + 0.3 * mat.shape[1], 1.0 + 0.3 * mat.shape[0]))
+    im = ax.imshow(mat.numpy(), cmap="viridis", aspect="auto", origin="lower")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def diagnose(args):
+    """The paper's diagnostics for one or two checkpoints (EMA weights) on validation images: diagnostics.json,
+    flow.png (RMS, gradient RMS, cosine per block), probe.png, routing and source-importance heatmaps."""
+    from dar_minimal import flow_statistics, routing_map, source_importance, timestep_probe
+    data = load_data(args)
+    n = min(args.val_size, 256, len(data["val_x"]))
+    x1, y = to_model_space(data["val_x"][:n], args.device), data["val_y"][:n].to(args.device)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(x1.shape, generator=g).to(args.device)
+    grid = [round(0.05 + 0.1 * k, 2) for k in range(10)]                     # t for the routing maps
+    os.makedirs(args.out, exist_ok=True)
+    report = {}
+    for path in args.diagnose:
+        if not os.path.isfile(path):
+            raise ValueError(f"--diagnose expects checkpoint files, got {path!r}")
+        ckpt = torch.load(path, map_location=args.device, weights_only=False)
+        model = DiT(**ckpt["config"]).to(args.device).eval()
+        model.load_state_dict(ckpt["ema"])
+        name = model.routing if model.routing not in report else f"{model.routing}_{len(report)}"
+        r = dict(checkpoint=path, step=ckpt["step"], config=ckpt["config"],
+                 flow={t: flow_statistics(model, x1, y, t, x0) for t in (1.0, 0.75, 0.5, 0.25)},
+                 probe=timestep_probe(model, x1, y, torch.Generator().manual_seed(1)))
+        if model.routing == "dar":
+            alpha = routing_map(model, x1, y, grid, x0)
+            r["routing_t_grid"], r["routing"] = grid, alpha.tolist()
+            L = alpha.shape[1] - 1
+            for l in sorted({1, L // 2, L, L + 1}):
+                save_heatmap(alpha[:, l - 1, :l].T, os.path.join(args.out, f"routing_{name}_reader{l}.png"), "t (index in grid)",
+                             "source i", f"alpha_i->{l}(t), reader {l}" + (" (final)" if l == L + 1 else ""))
+            for k in (0, len(grid) // 2, len(grid) - 1):
+                save_heatmap(alpha[k], os.path.join(args.out, f"routing_{name}_t{grid[k]}.png"), "source i", "reader l",
+                             f"alpha_i->l at t = {grid[k]}")
+        else:
+            imp = source_importance(model, x1, y, [0.1, 0.5, 0.9], x0)
+            r["importance_t"], r["importance"] = [0.1, 0.5, 0.9], imp.tolist()
+            for k, t in enumerate(r["importance_t"]):
+                save_heatmap(imp[k].abs(), os.path.join(args.out, f"importance_{name}_t{t}.png"), "source i", "reader l",
+                             f"|dL/dgate_i->l| at t = {t}")
+        report[name] = r
+        print(f"{name}: forward RMS at t=1 {['%.2f' % v for v in r['flow'][1.0]['forward_rms']]}")
+    with open(os.path.join(args.out, "diagnostics.json"), "w") as f:
+        json.dump(report, f)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: line plots skipped (diagnostics.json has the numbers)")
+        return report
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, r in report.items():
+        for ax, key in zip(axes, ("forward_rms", "gradient_rms", "cosine")):
+            ax.plot(range(1, len(r["flow"][1.0][key]) + 1), r["flow"][1.0][key], marker="o", label=name)
+    for ax, title in zip(axes, ("forward RMS(z_k)", "gradient RMS(dL/dz_k)", "cos(z_k, z_k+1)")):
+        ax.set(xlabel="block k", title=title + " at t = 1")
+    axes[0].set_yscale("log"), axes[1].set_yscale("log"), axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "flow.png"), dpi=100)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, r in report.items():
+        ax.plot(range(1, len(r["probe"]["blocks"]) + 1), r["probe"]["blocks"], marker="o", label=name)
+    ax.axhline(next(iter(report.values()))["probe"]["raw_xt"], color="gray", ls="--", label="raw x_t")
+    ax.set(xlabel="block k", ylabel="R^2 of t from pooled z_k", title="timestep probe (ridge, held out)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "probe.png"), dpi=100)
+    plt.close("all")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
 # Comparison, sampling from a checkpoint, entry point
 # ----------------------------------------------------------------------------------------------------
 
@@ -678,6 +778,8 @@ def main(argv=None):
         return bench(args)
     if args.sample_only:
         return sample_only(args)
+    if args.diagnose:
+        return diagnose(args)
     data = load_data(args)
     os.makedirs(args.out, exist_ok=True)
     print(f"{args.dataset}: {len(data['train_x'])} train, {len(data['val_x'])} val, "
