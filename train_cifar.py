@@ -350,7 +350,7 @@ def evaluate(ema, data, args, step, log, arm_dir, fid_ref):
 
 
 def train_arm(args, data, routing, arm_dir, fid_ref=None):
-    """Trains one arm (routing) for args.steps steps, evaluating, logging and checkpointing; returns its eval records."""
+    """Trains one arm (routing) for args.steps steps, evaluating, logging and checkpointing; returns its log records."""
     os.makedirs(arm_dir, exist_ok=True)
     config = model_config(args, data, routing)
     torch.manual_seed(args.seed)                                   # same init for both arms: the router comes last
@@ -614,6 +614,12 @@ def save_heatmap(mat, path, xlabel, ylabel, title):
     plt.close(fig)
 
 
+def side_by_side(mats):
+    """Square matrices next to each other, separated by a blank (zero) column."""
+    gap = torch.zeros(mats[0].shape[0], 1)
+    return torch.cat([m for mat in mats for m in (mat, gap)][:-1], dim=1)
+
+
 def diagnose(args):
     """The paper's diagnostics for one or two checkpoints (EMA weights) on validation images: diagnostics.json,
     flow.png (RMS, gradient RMS, cosine per block), probe.png, routing and source-importance heatmaps."""
@@ -640,18 +646,22 @@ def diagnose(args):
             alpha = routing_map(model, x1, y, grid, x0)
             r["routing_t_grid"], r["routing"] = grid, alpha.tolist()
             L = alpha.shape[1] - 1
-            for l in sorted({1, L // 2, L, L + 1}):
-                save_heatmap(alpha[:, l - 1, :l].T, os.path.join(args.out, f"routing_{name}_reader{l}.png"), "t (index in grid)",
-                             "source i", f"alpha_i->{l}(t), reader {l}" + (" (final)" if l == L + 1 else ""))
-            for k in (0, len(grid) // 2, len(grid) - 1):
-                save_heatmap(alpha[k], os.path.join(args.out, f"routing_{name}_t{grid[k]}.png"), "source i", "reader l",
-                             f"alpha_i->l at t = {grid[k]}")
+            for l in sorted({2, L // 2, L, L + 1}):
+                save_heatmap(alpha[:, l - 1, :l].T, os.path.join(args.out, f"routing_{name}_reader{l}.png"),
+                             "t = 0.05 + 0.1 k (k on the axis)", "source i",
+                             f"alpha_i->{l}(t), reader {l}" + (" (final)" if l == L + 1 else ""))
+            few = (0, len(grid) // 2, len(grid) - 1)
+            save_heatmap(side_by_side([alpha[k] for k in few]), os.path.join(args.out, f"routing_{name}_overview.png"),
+                         "source i (one panel per t)", f"reader l - 1 ({L} = final)",
+                         "alpha_i->l at t = " + ", ".join(str(grid[k]) for k in few))
         else:
-            imp = source_importance(model, x1, y, [0.1, 0.5, 0.9], x0)
-            r["importance_t"], r["importance"] = [0.1, 0.5, 0.9], imp.tolist()
-            for k, t in enumerate(r["importance_t"]):
-                save_heatmap(imp[k].abs(), os.path.join(args.out, f"importance_{name}_t{t}.png"), "source i", "reader l",
-                             f"|dL/dgate_i->l| at t = {t}")
+            imp = source_importance(model, x1, y, grid, x0)
+            r["importance_t_grid"], r["importance"] = grid, imp.tolist()
+            few = (0, len(grid) // 2, len(grid) - 1)
+            save_heatmap(side_by_side([imp[k].abs() / imp[k].abs().max() for k in few]),
+                         os.path.join(args.out, f"importance_{name}_overview.png"), "source i (one panel per t)",
+                         f"reader l - 1 ({imp.shape[1] - 1} = final)",
+                         "|dL/dgate_i->l| / max at t = " + ", ".join(str(grid[k]) for k in few))
         report[name] = r
         print(f"{name}: forward RMS at t=1 {['%.2f' % v for v in r['flow'][1.0]['forward_rms']]}")
     with open(os.path.join(args.out, "diagnostics.json"), "w") as f:
@@ -712,7 +722,7 @@ def compare(records, args):
         val_t_grid=VAL_T,
         arms={k: dict(steps=[r["step"] for r in v], val_loss=[r["val_loss"] for r in v],
                       val_loss_per_t=[r["val_loss_per_t"] for r in v], final_val_loss=v[-1]["val_loss"],
-                      train_seconds=done[k][-1]["train_seconds"] if done[k] else None,
+                      train_seconds=sum(r["train_seconds"] for r in done[k]) if done[k] else None,  # all segments
                       **({"fid": [r.get("fid") for r in v]} if any("fid" in r for r in v) else {}))
               for k, v in arms.items()},
         residual_final_step=res[-1]["step"], residual_final_val_loss=target,
