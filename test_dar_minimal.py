@@ -622,6 +622,11 @@ def test_diagnose_command_writes_json_and_pictures(tmp_path):
     assert set(report) == {"residual", "dar"}
     assert len(report["dar"]["flow"]["1.0"]["forward_rms"]) == 2 and len(report["dar"]["probe"]["blocks"]) == 2
     names = os.listdir(out)
-    assert {"routing_dar_reader2.png", "routing_dar_overview.png", "importance_residual_overview.png",
-            "flow.png", "probe.png"} <= set(names)
+    expected = {"routing_dar_reader2.png", "routing_dar_overview.png", "importance_residual_overview.png"}
+    try:                                                              # line plots need matplotlib (optional)
+        import matplotlib  # noqa: F401
+        expected |= {"flow.png", "probe.png"}
+    except ImportError:
+        pass
+    assert expected <= set(names)
     assert len(report["residual"]["importance"]) == len(report["dar"]["routing"]) == 10     # the same t grid
