@@ -72,6 +72,8 @@ def parse_args(argv=None):
     a("--ckpt", help="--sample-only: the checkpoint")
     a("--num-samples", type=int, default=100)
     a("--diagnose", nargs="+", metavar="CKPT", help="diagnostics of one or two checkpoints (see diagnose())")
+    a("--diagnose-t", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25],
+      help="--diagnose: t of the flow statistics (the figure shows the first)")
     a("--bench", action="store_true", help="time training steps of residual vs DAR variants (see bench())")
     a("--bench-repeats", type=int, default=5, help="--bench: timed steps per arm (after warm-up)")
     args = p.parse_args(argv)
@@ -631,7 +633,7 @@ def diagnose(args):
     x0 = torch.randn(x1.shape, generator=g).to(args.device)
     grid = [round(0.05 + 0.1 * k, 2) for k in range(10)]                     # t for the routing maps
     os.makedirs(args.out, exist_ok=True)
-    report = {}
+    report, t0 = {}, args.diagnose_t[0]
     for path in args.diagnose:
         if not os.path.isfile(path):
             raise ValueError(f"--diagnose expects checkpoint files, got {path!r}")
@@ -640,7 +642,7 @@ def diagnose(args):
         model.load_state_dict(ckpt["ema"])
         name = model.routing if model.routing not in report else f"{model.routing}_{len(report)}"
         r = dict(checkpoint=path, step=ckpt["step"], config=ckpt["config"],
-                 flow={t: flow_statistics(model, x1, y, t, x0) for t in (1.0, 0.75, 0.5, 0.25)},
+                 flow={t: flow_statistics(model, x1, y, t, x0) for t in args.diagnose_t},
                  probe=timestep_probe(model, x1, y, torch.Generator().manual_seed(1)))
         if model.routing == "dar":
             alpha = routing_map(model, x1, y, grid, x0)
@@ -663,7 +665,7 @@ def diagnose(args):
                          f"reader l - 1 ({imp.shape[1] - 1} = final)",
                          "|dL/dgate_i->l| / max at t = " + ", ".join(str(grid[k]) for k in few))
         report[name] = r
-        print(f"{name}: forward RMS at t=1 {['%.2f' % v for v in r['flow'][1.0]['forward_rms']]}")
+        print(f"{name}: forward RMS at t={t0} {['%.2f' % v for v in r['flow'][t0]['forward_rms']]}")
     with open(os.path.join(args.out, "diagnostics.json"), "w") as f:
         json.dump(report, f)
     try:
@@ -676,9 +678,9 @@ def diagnose(args):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name, r in report.items():
         for ax, key in zip(axes, ("forward_rms", "gradient_rms", "cosine")):
-            ax.plot(range(1, len(r["flow"][1.0][key]) + 1), r["flow"][1.0][key], marker="o", label=name)
+            ax.plot(range(1, len(r["flow"][t0][key]) + 1), r["flow"][t0][key], marker="o", label=name)
     for ax, title in zip(axes, ("forward RMS(z_k)", "gradient RMS(dL/dz_k)", "cos(z_k, z_k+1)")):
-        ax.set(xlabel="block k", title=title + " at t = 1")
+        ax.set(xlabel="block k", title=f"{title} at t = {t0}")
     axes[0].set_yscale("log"), axes[1].set_yscale("log"), axes[0].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "flow.png"), dpi=100)
