@@ -236,7 +236,7 @@ class DepthRouter(nn.Module):
 # hand-written backward adds alpha_i * dL/dh_l into gradient buffers in place. A 0-dim "token" threads through
 # every write and read so that autograd runs the backward of a write only after the backward of every read that
 # came after it. The maths is unchanged: the tests compare it with the plain list sum, outputs and gradients.
-# Measured (README, Cost): faster than the list sum on the CPU, but on an H200 cuBLAS runs these
+# Measured (README, Cost; results/): on an H200, cuBLAS runs these
 # thin batched matmuls far below memory bandwidth (results/gpu/profile_step.json), so eager DAR still costs
 # ~1.7x there. Under torch.compile the plain sum is used instead (see DepthRouter) and fused by the compiler.
 # ----------------------------------------------------------------------------------------------------
