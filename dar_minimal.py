@@ -207,7 +207,8 @@ class DepthRouter(nn.Module):
     def key_scores(self, v_i, q):
         """What reader l needs of source i, computed once when v_i is produced. Static queries: the scores
         q_l . RMSNorm_l(v_i) / sqrt(d) for all readers in one matmul, (B, N, L+1); dynamic: 1 / RMS(v_i), (B, N, 1)."""
-        r = torch.rsqrt(fp32(v_i).pow(2).mean(-1, keepdim=True) + 1e-6)       # RMSNorm(v) = v * r * g
+        norm = torch.linalg.vector_norm(v_i, dim=-1, keepdim=True, dtype=fp32(v_i).dtype)   # one fp32 reduction
+        r = torch.rsqrt(norm.square() / v_i.shape[-1] + 1e-6)                 # RMSNorm(v) = v * r * g
         return r if q is None else fp32(v_i @ q.mT) * r
 
     def forward(self, l, src, q):
@@ -269,8 +270,11 @@ class WriteSlot(torch.autograd.Function):
         return ctx.buffer.grad_slots()[:, ctx.slot].reshape(ctx.shape).to(ctx.dtype), None, None, None
 
 
+BMM_DEVICES = ("cpu",)      # where MixSlots uses batched matmuls; elsewhere (CUDA) a multiply and a sum, see below
+
+
 class MixSlots(torch.autograd.Function):
-    """h = alpha_c . summaries[:, :n] + alpha_r . chunk[:, :m] per token, as batched matmuls."""
+    """h = alpha_c . summaries[:, :n] + alpha_r . chunk[:, :m] per token: thin (1 x n) @ (n x d) products."""
 
     @staticmethod
     def forward(ctx, alpha_c, alpha_r, token, summaries, chunk):
@@ -279,12 +283,19 @@ class MixSlots(torch.autograd.Function):
         h = 0
         for alpha, (buffer, n) in zip((alpha_c, alpha_r), ctx.buffers):
             if n:
-                # on the CPU, read >= 4 slots (weight 0 on the not-yet-written, still zero slots): PyTorch's
-                # CPU bmm takes a slow naive loop for products smaller than that.
-                k = max(n, 4) if buffer.data.device.type == "cpu" else n
-                alpha = F.pad(alpha, (0, k - n)).to(buffer.data.dtype)
-                h = h + torch.bmm(alpha.unsqueeze(1), buffer.data[:, :k]).squeeze(1)            # (T, d)
+                h = h + MixSlots.weighted_sum(alpha.to(buffer.data.dtype), buffer.data)          # (T, d)
         return h
+
+    @staticmethod
+    def weighted_sum(alpha, slots):
+        """sum_i alpha[:, i] slots[:, i]. The CPU's bmm is fastest, but takes a slow naive loop for products with
+        fewer than 4 slots: read >= 4 (weight 0 on not-yet-written, still zero slots). On a GPU cuBLAS runs such
+        thin batched products far below memory bandwidth; a multiply and a sum is faster there."""
+        n = alpha.shape[1]
+        if slots.device.type not in BMM_DEVICES:
+            return (alpha.unsqueeze(-1) * slots[:, :n]).sum(1)
+        k = max(n, 4) if slots.device.type == "cpu" else n
+        return torch.bmm(F.pad(alpha, (0, k - n)).unsqueeze(1), slots[:, :k]).squeeze(1)
 
     @staticmethod
     def backward(ctx, dh):
@@ -293,8 +304,12 @@ class MixSlots(torch.autograd.Function):
             if n == 0:
                 grads.append(torch.zeros_like(alpha))
                 continue
-            dh_ = dh.to(buffer.data.dtype).unsqueeze(1)                                          # (T, 1, d)
-            grads.append(torch.bmm(buffer.data[:, :n], dh_.mT).squeeze(-1).to(alpha.dtype))     # dL/dalpha_i = v_i . dh
+            dh_, v = dh.to(buffer.data.dtype).unsqueeze(1), buffer.data[:, :n]                  # (T, 1, d), (T, n, d)
+            if buffer.data.device.type in BMM_DEVICES:
+                dalpha = torch.bmm(v, dh_.mT).squeeze(-1)
+            else:
+                dalpha = (v * dh_).sum(-1)
+            grads.append(dalpha.to(alpha.dtype))                                                # dL/dalpha_i = v_i . dh
             buffer.grad_slots()[:, :n].addcmul_(alpha.to(dh_.dtype).unsqueeze(-1), dh_)         # dL/dv_i += alpha_i dh
         return grads[0], grads[1], None, None, None
 

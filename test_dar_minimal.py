@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import dar_minimal
 from dar_minimal import DiT, Sources, chunk_sources, flow_matching_loss, guided, residual_to_dar, sample
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=3, num_heads=4)
@@ -141,6 +142,13 @@ def test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chun
     ref_grads = torch.autograd.grad((ref * w).sum(), list(model.parameters())[1:])
     for (name, _), g, r in zip(list(model.named_parameters())[1:], grads, ref_grads):
         assert (g - r).norm() <= 1e-8 * (r.norm() + 1e-12), name
+
+
+@pytest.mark.parametrize("query,chunk", [("static_t", 4), ("dynamic", 2), ("static", 1)])
+def test_multiply_and_sum_mixing_equals_the_plain_definition(query, chunk, monkeypatch):
+    """The GPU form of MixSlots (a multiply and a sum instead of bmm), checked here on the CPU."""
+    monkeypatch.setattr(dar_minimal, "BMM_DEVICES", ())
+    test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chunk)
 
 
 def test_compiled_path_plain_sum_equals_slot_buffers(monkeypatch):
@@ -511,6 +519,19 @@ def test_folder_dataset(tmp_path):
     with open(os.path.join(out, "residual", "config.json")) as fh:
         model = json.load(fh)["model"]
     assert (model["in_channels"], model["input_size"], model["num_classes"]) == (3, 16, 2)
+
+
+def test_validation_subset_of_a_class_sorted_folder_is_random_not_the_first_class(tmp_path):
+    from torchvision.utils import save_image
+    for name in ["a", "b", "c"]:
+        os.makedirs(tmp_path / "val" / name)
+        for i in range(6):
+            save_image(torch.rand(3, 8, 8), tmp_path / "val" / name / f"{i}.png")
+    args = train_cifar.parse_args(["--dataset", "folder", "--data-dir", str(tmp_path / "val"), "--val-dir",
+                                   str(tmp_path / "val"), "--val-size", "6", "--image-size", "8", "--device", "cpu"])
+    data = train_cifar.load_data(args)
+    assert len(data["val_y"]) == 6 and len(set(data["val_y"].tolist())) > 1      # the first 6 are all class 0
+    assert torch.equal(train_cifar.load_data(args)["val_y"], data["val_y"])     # the same subset every time
 
 
 def test_sample_only_writes_grid_and_npz(tmp_path):

@@ -54,7 +54,7 @@ def parse_args(argv=None):
     a("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     a("--t-sampling", default="uniform", choices=["uniform", "logit_normal"])
     a("--precision", default="fp32", choices=["fp32", "bf16"])
-    a("--compile", action="store_true", help="torch.compile the model (with --bench: add compiled arms)")
+    a("--compile", action="store_true", help="torch.compile the model (with --bench: time eager vs compiled arms)")
     a("--seed", type=int, default=0)
     a("--device", default="auto")
     a("--out", default="runs/default")
@@ -184,7 +184,8 @@ def load_data(args):
     data["images"] = data["train_x"].dtype == torch.uint8
     if len(data["train_x"]) == 0 or len(data["val_x"]) == 0:
         raise ValueError(f"the {args.dataset} data set is empty")
-    data["val_x"], data["val_y"] = data["val_x"][:args.val_size], data["val_y"][:args.val_size]
+    keep = torch.randperm(len(data["val_x"]), generator=torch.Generator().manual_seed(0))[:args.val_size]
+    data["val_x"], data["val_y"] = data["val_x"][keep], data["val_y"][keep]   # a random subset: folders are sorted by class
     if args.device.startswith("cuda"):                                 # the whole set lives on the GPU
         data.update({k: v.to(args.device) for k, v in data.items() if torch.is_tensor(v)})
     return data
@@ -336,10 +337,10 @@ class Log:
 # Training one arm
 # ----------------------------------------------------------------------------------------------------
 
-def evaluate(ema, data, args, step, log, arm_dir, fid_ref):
-    """Validation loss (and samples, FID when due) of the EMA weights; one log record."""
+def evaluate(ema, data, args, step, log, arm_dir, fid_ref, train_seconds):
+    """Validation loss (and samples, FID when due) of the EMA weights; one log record, with the training time so far."""
     val, per_t = validation_loss(ema, data, args)
-    record = dict(kind="eval", step=step, val_loss=val, val_loss_per_t=per_t)
+    record = dict(kind="eval", step=step, val_loss=val, val_loss_per_t=per_t, train_seconds=train_seconds)
     if data["images"]:
         save_grid(generate(ema, 100, args), os.path.join(arm_dir, f"samples_{step:07d}.png"))
     if fid_ref is not None and args.fid_every and (step % args.fid_every == 0 or step == args.steps):
@@ -379,6 +380,7 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
     n, B = len(data["train_x"]), args.batch_size
     steps_per_epoch = max(1, n // B)
     pending, order, eval_time, t_start, last = [], None, 0.0, time.time(), (start, time.time())
+    earlier = sum(r["train_seconds"] for r in log.records if r["kind"] == "done")   # finished segments before a resume
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=routing, dynamic_ncols=True,
                disable=None)
 
@@ -429,7 +431,8 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
         if done % args.eval_every == 0 or done == args.steps:
             flush(done)
             t_eval = time.time()
-            record = evaluate(ema, data, args, done, log, arm_dir, fid_ref)
+            record = evaluate(ema, data, args, done, log, arm_dir, fid_ref,
+                              train_seconds=earlier + time.time() - t_start - eval_time)
             eval_time += time.time() - t_eval
             tqdm.write(f"[{routing}] step {done}: val loss {record['val_loss']:.4f}"
                        + (f", FID {record['fid']:.2f}" if "fid" in record else ""))
@@ -451,13 +454,15 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
 # ----------------------------------------------------------------------------------------------------
 
 def bench_arms(args):
-    """(label, DiT overrides, compiled) of every benchmarked arm: variants at the preset depth, then a depth sweep."""
+    """(label, DiT overrides, compiled) of the benchmarked arms: with --compile, residual and DAR static_t c4, eager
+    and compiled (compilation takes minutes); else every variant at the preset depth, then a depth sweep."""
+    if args.compile:
+        return [(label + mode, overrides, mode == " compiled") for mode in ("", " compiled")
+                for label, overrides in (("residual", dict(routing="residual")),
+                                         ("dar static_t c4", dict(dar_query="static_t", dar_chunk=4)))]
     arms = [("residual", dict(routing="residual"), False)]
     arms += [(f"dar {q} c4", dict(dar_query=q, dar_chunk=4), False) for q in ("static", "static_t", "dynamic")]
     arms += [(f"dar static_t c{S}", dict(dar_query="static_t", dar_chunk=S), False) for S in (1, 2, 8)]
-    if args.compile:
-        arms += [("residual compiled", dict(routing="residual"), True),
-                 ("dar static_t c4 compiled", dict(dar_query="static_t", dar_chunk=4), True)]
     for depth in (6, 12, 28):
         arms += [(f"depth {depth} residual", dict(depth=depth, routing="residual"), False)]
         arms += [(f"depth {depth} dar static_t c{S}", dict(depth=depth, dar_query="static_t", dar_chunk=S), False)
@@ -723,6 +728,7 @@ def compare(records, args):
     summary = dict(
         val_t_grid=VAL_T,
         arms={k: dict(steps=[r["step"] for r in v], val_loss=[r["val_loss"] for r in v],
+                      train_seconds_at_eval=[r.get("train_seconds") for r in v],
                       val_loss_per_t=[r["val_loss_per_t"] for r in v], final_val_loss=v[-1]["val_loss"],
                       train_seconds=sum(r["train_seconds"] for r in done[k]) if done[k] else None,  # all segments
                       **({"fid": [r.get("fid") for r in v]} if any("fid" in r for r in v) else {}))

@@ -1,0 +1,57 @@
+"""Eager DAR on a GPU: MixSlots as a multiply and a sum (dar_minimal's CUDA form) against cuBLAS batched matmuls.
+
+    python results/gpu/mixing.py OUT_DIR [REPEATS]     (DiT-S/2, 32x32, batch 256, bf16: the benchmark's setting)
+
+Both forms are the same code apart from dar_minimal.BMM_DEVICES, switched before every step; arms alternated in
+one process, two warm-up rounds, medians with min-max, ratios to the residual arm of the same depth.
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, ".")
+import dar_minimal  # noqa: E402
+from train_cifar import bench_setup, machine, parse_args  # noqa: E402
+
+out = sys.argv[1] if len(sys.argv) > 1 else "."
+repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+cuda = torch.cuda.is_available()
+size = ["--preset", "S", "--batch-size", "256", "--precision", "bf16"] if cuda else \
+       ["--preset", "tiny", "--batch-size", "8", "--image-size", "16", "--hidden-size", "32", "--device", "cpu"]
+args = parse_args(size + ["--out", out])
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+FORMS = {"multiply-sum": ("cpu",), "bmm": ("cpu", "cuda")}
+arms = []                                                  # (label, overrides, BMM_DEVICES, reference label)
+for depth in (12, 28):
+    ref = f"depth {depth} residual"
+    arms.append((ref, dict(depth=depth, routing="residual"), FORMS["multiply-sum"], ref))
+    for S in ((4, 1) if depth == 12 else (1, 4)):
+        for form, devices in FORMS.items():
+            arms.append((f"depth {depth} dar static_t c{S} {form}",
+                         dict(depth=depth, dar_query="static_t", dar_chunk=S), devices, ref))
+steps = {label: bench_setup(args, o, False)[1] for label, o, _, _ in arms}
+sync = torch.cuda.synchronize if cuda else (lambda: None)
+times = {label: [] for label, *_ in arms}
+for rep in range(repeats + 2):
+    for label, _, devices, _ in arms:
+        dar_minimal.BMM_DEVICES = devices
+        sync()
+        t0 = time.perf_counter()
+        steps[label]()
+        sync()
+        if rep >= 2:
+            times[label].append(time.perf_counter() - t0)
+rows = []
+for label, _, _, ref in arms:
+    med = statistics.median(times[label])
+    rows.append(dict(arm=label, median_ms=1e3 * med, min_ms=1e3 * min(times[label]), max_ms=1e3 * max(times[label]),
+                     time_ratio=med / statistics.median(times[ref]), reference=ref))
+    print(f"| {label} | {rows[-1]['median_ms']:.1f} | {rows[-1]['min_ms']:.1f}-{rows[-1]['max_ms']:.1f} | "
+          f"{rows[-1]['time_ratio']:.3f} |")
+with open(f"{out}/mixing.json", "w") as f:
+    json.dump(dict(machine=machine(), torch=torch.__version__, command=" ".join(["python"] + sys.argv),
+                   config=dict(argv=size, repeats=repeats), rows=rows),
+              f, indent=1)
