@@ -237,9 +237,9 @@ class DepthRouter(nn.Module):
 # hand-written backward adds alpha_i * dL/dh_l into gradient buffers in place. A 0-dim "token" threads through
 # every write and read so that autograd runs the backward of a write only after the backward of every read that
 # came after it. The maths is unchanged: the tests compare it with the plain list sum, outputs and gradients.
-# Measured (README, Cost; results/): on an H200, cuBLAS runs these
-# thin batched matmuls far below memory bandwidth (results/gpu/profile_step.json), so eager DAR still costs
-# ~1.7x there. Under torch.compile the plain sum is used instead (see DepthRouter) and fused by the compiler.
+# Measured (README, Cost; results/gpu): on an H200, cuBLAS runs these thin batched matmuls far below memory
+# bandwidth, so for few slots a GPU multiplies and sums instead; eager DAR still costs ~1.6x the residual step
+# there. Under torch.compile the plain sum is used instead (see DepthRouter) and fused by the compiler (~1.25x).
 # ----------------------------------------------------------------------------------------------------
 
 class SlotBuffer:
@@ -270,7 +270,7 @@ class WriteSlot(torch.autograd.Function):
         return ctx.buffer.grad_slots()[:, ctx.slot].reshape(ctx.shape).to(ctx.dtype), None, None, None
 
 
-BMM_DEVICES = ("cpu",)      # where MixSlots uses batched matmuls; elsewhere (CUDA) a multiply and a sum, see below
+GPU_SUM_SLOTS = 4           # on a GPU, MixSlots reads up to this many slots by a multiply and a sum, more by bmm
 
 
 class MixSlots(torch.autograd.Function):
@@ -287,12 +287,18 @@ class MixSlots(torch.autograd.Function):
         return h
 
     @staticmethod
+    def use_bmm(slots, n):
+        """bmm or a multiply and a sum for a product over n slots (measured: results/gpu/cost). The CPU's bmm is the
+        fastest there. A GPU's cuBLAS runs these thin batched products far below memory bandwidth, but the
+        multiply's (T, n, d) intermediate grows with n, so the GPU multiplies and sums only for few slots."""
+        return slots.device.type == "cpu" or n > GPU_SUM_SLOTS
+
+    @staticmethod
     def weighted_sum(alpha, slots):
-        """sum_i alpha[:, i] slots[:, i]. The CPU's bmm is fastest, but takes a slow naive loop for products with
-        fewer than 4 slots: read >= 4 (weight 0 on not-yet-written, still zero slots). On a GPU cuBLAS runs such
-        thin batched products far below memory bandwidth; a multiply and a sum is faster there."""
+        """sum_i alpha[:, i] slots[:, i]. The CPU's bmm takes a slow naive loop for products with fewer than 4 slots:
+        there it reads >= 4 (weight 0 on not-yet-written, still zero slots)."""
         n = alpha.shape[1]
-        if slots.device.type not in BMM_DEVICES:
+        if not MixSlots.use_bmm(slots, n):
             return (alpha.unsqueeze(-1) * slots[:, :n]).sum(1)
         k = max(n, 4) if slots.device.type == "cpu" else n
         return torch.bmm(F.pad(alpha, (0, k - n)).unsqueeze(1), slots[:, :k]).squeeze(1)
@@ -305,7 +311,7 @@ class MixSlots(torch.autograd.Function):
                 grads.append(torch.zeros_like(alpha))
                 continue
             dh_, v = dh.to(buffer.data.dtype).unsqueeze(1), buffer.data[:, :n]                  # (T, 1, d), (T, n, d)
-            if buffer.data.device.type in BMM_DEVICES:
+            if MixSlots.use_bmm(v, n):
                 dalpha = torch.bmm(v, dh_.mT).squeeze(-1)
             else:
                 dalpha = (v * dh_).sum(-1)

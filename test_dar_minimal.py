@@ -146,8 +146,8 @@ def test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chun
 
 @pytest.mark.parametrize("query,chunk", [("static_t", 4), ("dynamic", 2), ("static", 1)])
 def test_multiply_and_sum_mixing_equals_the_plain_definition(query, chunk, monkeypatch):
-    """The GPU form of MixSlots (a multiply and a sum instead of bmm), checked here on the CPU."""
-    monkeypatch.setattr(dar_minimal, "BMM_DEVICES", ())
+    """The GPU's form of MixSlots (a multiply and a sum for few slots, bmm for more), checked here on the CPU."""
+    monkeypatch.setattr(dar_minimal.MixSlots, "use_bmm", staticmethod(lambda slots, n: n > 2))
     test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chunk)
 
 

@@ -454,12 +454,12 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
 # ----------------------------------------------------------------------------------------------------
 
 def bench_arms(args):
-    """(label, DiT overrides, compiled) of the benchmarked arms: with --compile, residual and DAR static_t c4, eager
-    and compiled (compilation takes minutes); else every variant at the preset depth, then a depth sweep."""
+    """(label, DiT overrides, compiled) of the benchmarked arms: with --compile, residual and DAR (--dar-query,
+    --dar-chunk), eager and compiled (compilation takes minutes); else every variant, then a depth sweep."""
     if args.compile:
+        dar = (f"dar {args.dar_query} c{args.dar_chunk}", dict(dar_query=args.dar_query, dar_chunk=args.dar_chunk))
         return [(label + mode, overrides, mode == " compiled") for mode in ("", " compiled")
-                for label, overrides in (("residual", dict(routing="residual")),
-                                         ("dar static_t c4", dict(dar_query="static_t", dar_chunk=4)))]
+                for label, overrides in (("residual", dict(routing="residual")), dar)]
     arms = [("residual", dict(routing="residual"), False)]
     arms += [(f"dar {q} c4", dict(dar_query=q, dar_chunk=4), False) for q in ("static", "static_t", "dynamic")]
     arms += [(f"dar static_t c{S}", dict(dar_query="static_t", dar_chunk=S), False) for S in (1, 2, 8)]

@@ -1,9 +1,10 @@
-"""Eager DAR on a GPU: MixSlots as a multiply and a sum (dar_minimal's CUDA form) against cuBLAS batched matmuls.
+"""Eager DAR on a GPU: MixSlots by a multiply and a sum for up to GPU_SUM_SLOTS slots, by cuBLAS bmm for more.
 
     python results/gpu/mixing.py OUT_DIR [REPEATS]     (DiT-S/2, 32x32, batch 256, bf16: the benchmark's setting)
 
-Both forms are the same code apart from dar_minimal.BMM_DEVICES, switched before every step; arms alternated in
-one process, two warm-up rounds, medians with min-max, ratios to the residual arm of the same depth.
+The forms are the same code apart from dar_minimal.GPU_SUM_SLOTS (0: always bmm; 1000: always multiply-sum), set
+before every step; arms alternated in one process, two warm-up rounds, medians with min-max, ratios to the
+residual arm of the same depth.
 """
 import json
 import statistics
@@ -23,21 +24,21 @@ size = ["--preset", "S", "--batch-size", "256", "--precision", "bf16"] if cuda e
        ["--preset", "tiny", "--batch-size", "8", "--image-size", "16", "--hidden-size", "32", "--device", "cpu"]
 args = parse_args(size + ["--out", out])
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-FORMS = {"multiply-sum": ("cpu",), "bmm": ("cpu", "cuda")}
-arms = []                                                  # (label, overrides, BMM_DEVICES, reference label)
+FORMS = {"bmm": 0, "sum<=4": 4, "sum<=8": 8, "sum": 1000}
+arms = []                                                  # (label, overrides, GPU_SUM_SLOTS, reference label)
 for depth in (12, 28):
     ref = f"depth {depth} residual"
-    arms.append((ref, dict(depth=depth, routing="residual"), FORMS["multiply-sum"], ref))
+    arms.append((ref, dict(depth=depth, routing="residual"), 0, ref))
     for S in ((4, 1) if depth == 12 else (1, 4)):
-        for form, devices in FORMS.items():
+        for form, slots in FORMS.items():
             arms.append((f"depth {depth} dar static_t c{S} {form}",
-                         dict(depth=depth, dar_query="static_t", dar_chunk=S), devices, ref))
+                         dict(depth=depth, dar_query="static_t", dar_chunk=S), slots, ref))
 steps = {label: bench_setup(args, o, False)[1] for label, o, _, _ in arms}
 sync = torch.cuda.synchronize if cuda else (lambda: None)
 times = {label: [] for label, *_ in arms}
 for rep in range(repeats + 2):
-    for label, _, devices, _ in arms:
-        dar_minimal.BMM_DEVICES = devices
+    for label, _, slots, _ in arms:
+        dar_minimal.GPU_SUM_SLOTS = slots
         sync()
         t0 = time.perf_counter()
         steps[label]()
