@@ -288,18 +288,18 @@ class MixSlots(torch.autograd.Function):
 
     @staticmethod
     def use_bmm(slots, n):
-        """bmm or a multiply and a sum for a product over n slots (measured: results/gpu/cost). The CPU's bmm is the
-        fastest there. A GPU's cuBLAS runs these thin batched products far below memory bandwidth, but the
-        multiply's (T, n, d) intermediate grows with n, so the GPU multiplies and sums only for few slots."""
+        """Whether a product over n slots runs as a bmm (else as a multiply and a sum); see results/gpu/cost."""
+        # The CPU's bmm is its fastest form. A GPU's cuBLAS runs these thin batched products far below memory
+        # bandwidth, but the multiply's (T, n, d) intermediate grows with n: the GPU multiplies only few slots.
         return slots.device.type == "cpu" or n > GPU_SUM_SLOTS
 
     @staticmethod
     def weighted_sum(alpha, slots):
-        """sum_i alpha[:, i] slots[:, i]. The CPU's bmm takes a slow naive loop for products with fewer than 4 slots:
-        there it reads >= 4 (weight 0 on not-yet-written, still zero slots)."""
+        """sum_i alpha[:, i] slots[:, i] for alpha (T, n) and slots (T, >= n, d)."""
         n = alpha.shape[1]
         if not MixSlots.use_bmm(slots, n):
             return (alpha.unsqueeze(-1) * slots[:, :n]).sum(1)
+        # the CPU's bmm takes a slow naive loop below 4 slots: read >= 4 (weight 0 on not-yet-written, zero slots)
         k = max(n, 4) if slots.device.type == "cpu" else n
         return torch.bmm(F.pad(alpha, (0, k - n)).unsqueeze(1), slots[:, :k]).squeeze(1)
 

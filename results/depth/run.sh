@@ -2,8 +2,9 @@
 # Depth sweep (issue 8) on the 2-core CPU: residual vs DAR (static+t, chunk 4) at the tiny width (128, patch 4,
 # batch 64, lr 3e-4, EMA 0.999) for 4, 8 and 16 blocks, seeds 0 and 1, 500 steps per arm, on the CIFAR-10 JPEG
 # copy (../shared/data/cifar10-jpeg.tar.gz, unpacked to a temp dir). Validation: EMA weights, the same 1,000
-# random test images and fixed noise at 8 t for every run. From the repository root (about 70 minutes):
+# random test images and fixed noise at 8 t for every run. From the repository root (about 90 minutes):
 #   bash results/depth/run.sh            then: python results/depth/summarize.py
+# (d8_s0 was run twice: other work on the 2 cores slowed its first run; the rerun gave identical losses.)
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 R=results/depth

@@ -92,10 +92,10 @@ depths = [row["depth"] for row in summary]
 fig, axes = plt.subplots(1, 2 + len(depths), figsize=(4.2 * (2 + len(depths)), 3.6))
 ax = axes[0]
 for row in summary:
-    ax.scatter([row["depth"]] * len(row["seeds"]), [v or 0 for v in row["speedup_in_steps"]], color="C1", alpha=0.6)
+    ax.scatter([row["depth"]] * len(row["seeds"]), [v or float("nan") for v in row["speedup_in_steps"]], color="C1", alpha=0.6)
 ax.plot(depths, [row["speedup_in_steps_mean"] for row in summary], "o-", color="C1", label="steps (mean)")
 for row in summary:
-    ax.scatter([row["depth"]] * len(row["seeds"]), [v or 0 for v in row["speedup_in_wall_clock"]], color="C2",
+    ax.scatter([row["depth"]] * len(row["seeds"]), [v or float("nan") for v in row["speedup_in_wall_clock"]], color="C2",
                alpha=0.6, marker="s")
 ax.plot(depths, [row["speedup_in_wall_clock_mean"] for row in summary], "s-", color="C2", label="wall-clock (mean)")
 ax.axhline(1, color="gray", lw=0.5)
@@ -122,3 +122,36 @@ for ax, depth in zip(axes[2:], depths):
 fig.tight_layout()
 fig.savefig(f"{R}/depth.png", dpi=110)
 print(f"wrote {R}/summary.json, summary.md, depth.png")
+
+# Diagnostics of the seed-0 checkpoints by depth (results/depth/diagnose.sh), at the paper's t = 1.0 and at t = 0.5
+diag = {int(re.search(r"_d(\d+)", p).group(1)): json.load(open(p))
+        for p in glob.glob(f"{R}/diagnostics_d*/diagnostics.json")}
+if diag:
+    ts = ("1.0", "0.5")
+    rows = {t: {} for t in ts}
+    for t in ts:
+        for depth, d in sorted(diag.items()):
+            for arm in ("residual", "dar"):
+                f = d[arm]["flow"][t]
+                rows[t][f"{arm} d{depth}"] = dict(
+                    rms_last_over_first=f["forward_rms"][-1] / f["forward_rms"][0],
+                    grad_first_over_last=f["gradient_rms"][0] / f["gradient_rms"][-1],
+                    mean_cosine=statistics.mean(f["cosine"]))
+                print(f"t={t}", arm, depth, {k: round(v, 3) for k, v in rows[t][f"{arm} d{depth}"].items()})
+    json.dump(rows, open(f"{R}/diagnostics_by_depth.json", "w"), indent=1)
+    fig, axes = plt.subplots(len(ts), 3, figsize=(13, 3.4 * len(ts)))
+    for t, row_axes in zip(ts, axes):
+        for depth, d in sorted(diag.items()):
+            for arm, color in (("residual", "C0"), ("dar", "C1")):
+                f = d[arm]["flow"][t]
+                for ax, key in zip(row_axes, ("forward_rms", "gradient_rms", "cosine")):
+                    xs = [(k + 1) / len(f[key]) for k in range(len(f[key]))]
+                    ax.plot(xs, f[key], color=color, alpha=0.35 + 0.65 * depth / max(diag), marker=".",
+                            label=f"{arm}, {depth} blocks")
+        for ax, title in zip(row_axes, ("forward RMS of z_k", "gradient RMS at z_k", "cosine(z_k, z_k+1)")):
+            ax.set(xlabel="relative depth k / blocks", title=f"{title}, t = {t}")
+        row_axes[1].set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{R}/diagnostics_by_depth.png", dpi=100)
+    print(f"wrote {R}/diagnostics_by_depth.json, diagnostics_by_depth.png")
