@@ -426,6 +426,8 @@ def test_compare_end_to_end(tmp_path):
         assert key in c
     assert c["arms"]["dar"]["steps"] == [2, 4] and len(c["arms"]["residual"]["val_loss"]) == 2
     assert c["residual_final_val_loss"] == c["arms"]["residual"]["final_val_loss"]
+    seconds = c["arms"]["dar"]["train_seconds_at_eval"]                      # training time only, growing
+    assert 0 < seconds[0] < seconds[1] <= c["arms"]["dar"]["train_seconds"]
 
 
 def test_both_arms_start_from_the_same_weights():
