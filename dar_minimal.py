@@ -207,7 +207,8 @@ class DepthRouter(nn.Module):
     def key_scores(self, v_i, q):
         """What reader l needs of source i, computed once when v_i is produced. Static queries: the scores
         q_l . RMSNorm_l(v_i) / sqrt(d) for all readers in one matmul, (B, N, L+1); dynamic: 1 / RMS(v_i), (B, N, 1)."""
-        norm = torch.linalg.vector_norm(v_i, dim=-1, keepdim=True, dtype=fp32(v_i).dtype)   # one fp32 reduction
+        norm = torch.linalg.vector_norm(v_i, dim=-1, keepdim=True,                # one reduction in >= fp32
+                                         dtype=torch.promote_types(v_i.dtype, torch.float32))
         r = torch.rsqrt(norm.square() / v_i.shape[-1] + 1e-6)                 # RMSNorm(v) = v * r * g
         return r if q is None else fp32(v_i @ q.mT) * r
 
