@@ -175,6 +175,16 @@ def chunk_sources(l, L, S):
     return summaries + own_chunk
 
 
+def key_scores(v_i, q):
+    """What the readers need of source v_i, computed once when v_i is produced, and r = 1 / RMS(v_i), (B, N, 1).
+    Static queries: the scores q_l . RMSNorm_l(v_i) / sqrt(d) of all readers in one matmul, (B, N, L+1) in fp32
+    (q from DepthRouter.static_queries, RMSNorm weight and 1/sqrt(d) folded in); dynamic queries (q None): r."""
+    norm = torch.linalg.vector_norm(v_i, dim=-1, keepdim=True,                # one reduction in >= fp32
+                                    dtype=torch.promote_types(v_i.dtype, torch.float32))
+    r = torch.rsqrt(norm.square() / v_i.shape[-1] + 1e-6)                     # RMSNorm(v) = v * r * g
+    return (r if q is None else fp32(v_i @ q.to(v_i.dtype).mT) * r), r
+
+
 class DepthRouter(nn.Module):
     """The aggregators of DAR: queries q_l(t) and RMSNorm weights g_l for readers l = 1..L and the final one (L+1)."""
 
@@ -204,14 +214,6 @@ class DepthRouter(nn.Module):
             q = q + self.e(t_emb).unsqueeze(1)                                  # static+t: q_l(t) = w_l + e(t)
         return q * self.key_weight / math.sqrt(q.shape[-1])
 
-    def key_scores(self, v_i, q):
-        """What reader l needs of source i, computed once when v_i is produced. Static queries: the scores
-        q_l . RMSNorm_l(v_i) / sqrt(d) for all readers in one matmul, (B, N, L+1); dynamic: 1 / RMS(v_i), (B, N, 1)."""
-        norm = torch.linalg.vector_norm(v_i, dim=-1, keepdim=True,                # one reduction in >= fp32
-                                         dtype=torch.promote_types(v_i.dtype, torch.float32))
-        r = torch.rsqrt(norm.square() / v_i.shape[-1] + 1e-6)                 # RMSNorm(v) = v * r * g
-        return r if q is None else fp32(v_i @ q.mT) * r
-
     def forward(self, l, src, q):
         """h_l = sum_{i in S_l} alpha_{i->l} v_i with alpha = softmax_i(q_l . RMSNorm(v_i) / sqrt(d)), per token."""
         idx, v, s = self.sources[l - 1], src.v, src.scores
@@ -229,80 +231,99 @@ class DepthRouter(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Keeping the sources so that h_l = sum_i alpha_i v_i is cheap
+# Keeping the sources so that h_l = sum_i alpha_i v_i is cheap (eager mode)
 #
 # Summing a Python list of sources costs about 3 memory passes per source forward and 9 backward, for every
-# (reader, source) pair. Instead, each source is copied once into per-token buffers of shape (tokens, slots, d):
-# one for the chunk summaries c_0, c_1, ..., and one per chunk for its raw outputs. Every reader's sources are
-# then two contiguous slot ranges, its mixture is two batched matmuls that read each source once, and a
-# hand-written backward adds alpha_i * dL/dh_l into gradient buffers in place. A 0-dim "token" threads through
-# every write and read so that autograd runs the backward of a write only after the backward of every read that
-# came after it. The maths is unchanged: the tests compare it with the plain list sum, outputs and gradients.
-# Measured (README, Cost; results/gpu): on an H200, cuBLAS runs these thin batched matmuls far below memory
-# bandwidth, so for few slots a GPU multiplies and sums instead; eager DAR still costs ~1.6x the residual step
-# there. Under torch.compile the plain sum is used instead (see DepthRouter) and fused by the compiler (~1.25x).
+# (reader, source) pair, and autograd would keep every v_i twice (for the mixture and for the key norm).
+# Instead each source is copied once, when it is produced, into a per-token slot buffer of shape (tokens, slots, d):
+# one buffer for the chunk summaries c_0, c_1, ..., one per chunk for its raw outputs. Every reader's sources are
+# then two contiguous slot ranges: its mixture is a multiply-and-add per slot (few slots) or one batched matmul,
+# and hand-written backwards add alpha_i * dL/dh_l into a gradient buffer in place and read v_i back from its slot,
+# so autograd saves no source at all. A 0-dim "token" threads through every write and read so that autograd runs
+# the backward of a write only after the backwards of all the reads after it. The maths is unchanged: the tests
+# compare it with the plain definition, outputs and gradients. Under torch.compile the plain sum is used instead
+# (see DepthRouter) and fused by the compiler. Measured: README, Cost.
 # ----------------------------------------------------------------------------------------------------
 
 class SlotBuffer:
-    """Per-token slots (T, K, d) holding copies of sources, and (allocated in backward) their gradients."""
+    """Per-token slots (T, K, d) holding copies of sources, and (made in backward) the gradients that readers add."""
 
     def __init__(self, tokens, slots, d, dtype, device):
-        self.data = torch.zeros(tokens, max(slots, 4), d, dtype=dtype, device=device)   # >= 4: see MixSlots
-        self.grad = None
+        self.data = torch.empty(tokens, slots, d, dtype=dtype, device=device)   # each slot is written before any read
+        self.grad, self.filled = None, 0                                        # grad[:, :filled] has been written
 
-    def grad_slots(self):
-        """The gradient buffer, zero until the readers' backwards add to it."""
+    def add_grad(self, alpha, dh):
+        """grad[:, i] += alpha[:, i] * dh for the first n = alpha.shape[1] slots (the first time: written, not added)."""
+        n, k = alpha.shape[1], min(alpha.shape[1], self.filled)
         if self.grad is None:
-            self.grad = torch.zeros_like(self.data)
-        return self.grad
+            self.grad = torch.empty_like(self.data)
+        self.grad[:, :k].addcmul_(alpha[:, :k, None], dh)
+        torch.mul(alpha[:, k:n, None], dh, out=self.grad[:, k:n])
+        self.filled = max(self.filled, n)
+
+    def slot_grad(self, slot):
+        """dL/d(slot) summed over all its readers, (T, d)."""
+        return self.grad[:, slot] if slot < self.filled else torch.zeros_like(self.data[:, slot])
 
 
-class WriteSlot(torch.autograd.Function):
-    """buffer[:, slot] = v; its backward returns the gradient that all readers of the slot accumulated."""
+class AddSource(torch.autograd.Function):
+    """A new source v_i: copied into buffer[:, slot], its key scores computed (key_scores). Returns the scores and a
+    token for later reads. The backward reads v_i back from the slot, so autograd never keeps v_i itself."""
 
     @staticmethod
-    def forward(ctx, v, token, buffer, slot):
-        buffer.data[:, slot].copy_(v.reshape(-1, v.shape[-1]))
-        ctx.buffer, ctx.slot, ctx.shape, ctx.dtype = buffer, slot, v.shape, v.dtype
-        return token.new_empty(())                                              # later reads depend on this write
+    def forward(ctx, v_i, q, token, buffer, slot):
+        buffer.data[:, slot].copy_(v_i.reshape(-1, v_i.shape[-1]))
+        scores, r = key_scores(buffer.data[:, slot].view(v_i.shape), q)        # the slot's copy: as backward sees it
+        ctx.save_for_backward(q, scores, r)
+        ctx.buffer, ctx.slot, ctx.shape = buffer, slot, v_i.shape
+        return scores, token.new_empty(())
 
     @staticmethod
-    def backward(ctx, _):
-        return ctx.buffer.grad_slots()[:, ctx.slot].reshape(ctx.shape).to(ctx.dtype), None, None, None
+    def backward(ctx, ds, _):
+        q, s, r = ctx.saved_tensors
+        v = ctx.buffer.data[:, ctx.slot].view(ctx.shape)
+        # s_l = (v . q_l) r with r = (|v|^2 / d + eps)^(-1/2):  ds_l/dv = r q_l - s_l r^2 v / d  (dynamic: s = r, no q)
+        c = (ds * s).sum(-1, keepdim=True) * r.square() / v.shape[-1]
+        dv = torch.addcmul(ctx.buffer.slot_grad(ctx.slot).view(ctx.shape), v, -c.to(v.dtype))  # readers' - c v
+        if q is None:
+            return dv, None, None, None, None
+        dsr = (ds * r).to(v.dtype)                                              # (B, N, L+1)
+        dv.baddbmm_(dsr, q.to(v.dtype))                                         # + r sum_l ds_l q_l
+        return dv, (dsr.mT @ v).to(q.dtype), None, None, None                   # dq_l = sum_tokens ds_l r v
 
 
-GPU_SUM_SLOTS = 4           # on a GPU, MixSlots reads up to this many slots by a multiply and a sum, more by bmm
+SUM_SLOTS = {"cpu": 3, "cuda": 4}   # MixSlots multiplies and adds slot by slot up to this many slots, beyond: bmm
 
 
 class MixSlots(torch.autograd.Function):
-    """h = alpha_c . summaries[:, :n] + alpha_r . chunk[:, :m] per token: thin (1 x n) @ (n x d) products."""
+    """h = alpha_c . summaries[:, :n] + alpha_r . chunk[:, :m] per token, from and into slot buffers."""
 
     @staticmethod
     def forward(ctx, alpha_c, alpha_r, token, summaries, chunk):
         ctx.save_for_backward(alpha_c, alpha_r)
         ctx.buffers = [(summaries, alpha_c.shape[1]), (chunk, alpha_r.shape[1])]
-        h = 0
+        h = None
         for alpha, (buffer, n) in zip((alpha_c, alpha_r), ctx.buffers):
             if n:
-                h = h + MixSlots.weighted_sum(alpha.to(buffer.data.dtype), buffer.data)          # (T, d)
+                h = MixSlots.weighted_sum(alpha.to(buffer.data.dtype), buffer.data[:, :n], h)    # (T, d)
         return h
 
     @staticmethod
     def use_bmm(slots, n):
-        """Whether a product over n slots runs as a bmm (else as a multiply and a sum); see results/gpu/cost."""
-        # The CPU's bmm is its fastest form. A GPU's cuBLAS runs these thin batched products far below memory
-        # bandwidth, but the multiply's (T, n, d) intermediate grows with n: the GPU multiplies only few slots.
-        return slots.device.type == "cpu" or n > GPU_SUM_SLOTS
+        """Whether a product over n slots runs as one bmm (else slot by slot); measured in README, Cost."""
+        # bmm reads each slot once, but both the CPU's bmm (below 4 slots) and a GPU's cuBLAS run these thin
+        # (1 x n) @ (n x d) products slowly: few slots are cheaper one at a time.
+        return n > SUM_SLOTS.get(slots.device.type, 4)
 
     @staticmethod
-    def weighted_sum(alpha, slots):
-        """sum_i alpha[:, i] slots[:, i] for alpha (T, n) and slots (T, >= n, d)."""
-        n = alpha.shape[1]
-        if not MixSlots.use_bmm(slots, n):
-            return (alpha.unsqueeze(-1) * slots[:, :n]).sum(1)
-        # the CPU's bmm takes a slow naive loop below 4 slots: read >= 4 (weight 0 on not-yet-written, zero slots)
-        k = max(n, 4) if slots.device.type == "cpu" else n
-        return torch.bmm(F.pad(alpha, (0, k - n)).unsqueeze(1), slots[:, :k]).squeeze(1)
+    def weighted_sum(alpha, slots, h=None):
+        """h + sum_i alpha[:, i] slots[:, i] for alpha (T, n) and slots (T, n, d); h (T, d) or None."""
+        if MixSlots.use_bmm(slots, alpha.shape[1]):
+            s = torch.bmm(alpha.unsqueeze(1), slots).squeeze(1)
+            return s if h is None else h.add_(s)
+        for i in range(alpha.shape[1]):
+            h = slots[:, i] * alpha[:, i:i + 1] if h is None else h.addcmul_(slots[:, i], alpha[:, i:i + 1])
+        return h
 
     @staticmethod
     def backward(ctx, dh):
@@ -317,12 +338,12 @@ class MixSlots(torch.autograd.Function):
             else:
                 dalpha = (v * dh_).sum(-1)
             grads.append(dalpha.to(alpha.dtype))                                                # dL/dalpha_i = v_i . dh
-            buffer.grad_slots()[:, :n].addcmul_(alpha.to(dh_.dtype).unsqueeze(-1), dh_)         # dL/dv_i += alpha_i dh
+            buffer.add_grad(alpha.to(dh_.dtype), dh_)                                           # dL/dv_i += alpha_i dh
         return grads[0], grads[1], None, None, None
 
 
 class Sources:
-    """The sources v_0, v_1, ... of one DAR forward: as tensors (for keys and dynamic queries) and in slot buffers."""
+    """The sources v_0, v_1, ... of one DAR forward: their key scores, and their copies in slot buffers."""
 
     def __init__(self, router, v0, q, dtype):
         self.router, self.q, self.v, self.scores = router, q, [], []
@@ -334,27 +355,26 @@ class Sources:
         self.token = v0.new_zeros(())
         self.add(v0)
 
-    def write(self, v_i, buffer, slot):
-        """Copy v_i into buffer[:, slot], moving the token on."""
-        self.token = WriteSlot.apply(v_i, self.token, buffer, slot)
-
-    def add(self, v_i):
-        """Append source v_i: its key scores, and its copy in the summary slot and/or its chunk's raw slot."""
-        i = len(self.v)
-        self.v.append(v_i)
-        self.scores.append(self.router.key_scores(v_i, self.q))
-        if torch.compiler.is_compiling():                                   # no buffers in compiled graphs
-            return
+    def slot_for(self, i):
+        """The one slot that keeps v_i: the summary slot of c_n = v_{nS}, else a raw slot (opening its chunk's buffer)."""
         if i == 0:
-            return self.write(v_i, self.summaries, 0)                       # c_0 = v_0
+            return self.summaries, 0                                        # c_0 = v_0
         n, j = (i - 1) // self.S + 1, (i - 1) % self.S + 1                   # v_i is the j-th output of chunk n
         last_chunk = n == self.num_chunks
         if j == 1:                                                          # raw slots that some reader will read
             self.chunks.append(self.new_buffer(self.L - (n - 1) * self.S if last_chunk else self.S - 1))
-        if j < self.S or last_chunk:
-            self.write(v_i, self.chunks[n - 1], j - 1)
         if j == self.S and not last_chunk:
-            self.write(v_i, self.summaries, n)                              # c_n = v_{nS}
+            return self.summaries, n                                        # c_n = v_{nS}
+        return self.chunks[n - 1], j - 1
+
+    def add(self, v_i):
+        """Append source v_i: its key scores, and (eager) its copy in its slot."""
+        keep = self.q is None or torch.compiler.is_compiling()             # only these read v_i itself again
+        self.v.append(v_i if keep else None)
+        if torch.compiler.is_compiling():                                   # no buffers in compiled graphs
+            return self.scores.append(key_scores(v_i, self.q)[0])
+        scores, self.token = AddSource.apply(v_i, self.q, self.token, *self.slot_for(len(self.v) - 1))
+        self.scores.append(scores)
 
     def mix(self, l, alpha):
         """sum_i alpha_i v_i over S_l: summaries c_0..c_{n-1} first, then the raw outputs of chunk n so far."""
@@ -364,7 +384,6 @@ class Sources:
         chunk = self.chunks[n - 1] if K > n else None
         h = MixSlots.apply(alpha[:, :n], alpha[:, n:], self.token, self.summaries, chunk)
         return h.view(B, N, -1)
-
 
 # ----------------------------------------------------------------------------------------------------
 # The DiT, with residual or DAR routing

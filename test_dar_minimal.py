@@ -151,6 +151,45 @@ def test_multiply_and_sum_mixing_equals_the_plain_definition(query, chunk, monke
     test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chunk)
 
 
+@pytest.mark.parametrize("static", [True, False])
+def test_add_source_backward_is_the_gradient_of_the_key_scores(static):
+    """AddSource's hand-written backward (v_i read back from its slot, plus the readers' gradient) vs autograd."""
+    g = torch.Generator().manual_seed(0)
+    v, dh = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(10, 8, generator=g, dtype=torch.float64)
+    q = torch.randn(2, 7, 8, generator=g, dtype=torch.float64) if static else None
+    alpha = torch.rand(10, 2, generator=g, dtype=torch.float64)
+
+    def fast(v, q, readers=False):
+        buffer = dar_minimal.SlotBuffer(10, 2, 8, torch.float64, "cpu")
+        scores, token = dar_minimal.AddSource.apply(v, q, v.new_zeros(()), buffer, 1)
+        if readers:
+            buffer.add_grad(alpha, dh.unsqueeze(1))                          # as two readers' backwards would
+        return scores
+    inputs_ = (v.requires_grad_(), q.requires_grad_()) if static else (v.requires_grad_(), None)
+    assert torch.autograd.gradcheck(fast, inputs_)
+    w = torch.randn(2, 5, 7 if static else 1, generator=g, dtype=torch.float64)
+    plain = (dar_minimal.key_scores(v, q)[0] * w).sum() + (alpha[:, 1:] * dh * v.reshape(10, 8)).sum()
+    got = torch.autograd.grad((fast(v, q, readers=True) * w).sum(), v)[0]
+    assert torch.allclose(got, torch.autograd.grad(plain, v)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("query", ["static", "static_t"])
+def test_eager_dar_saves_no_source_for_backward(query, monkeypatch):
+    """The sources live in the slot buffers only: autograd keeps none of the v_i (dynamic queries still do)."""
+    model = randomize(DiT(**TINY, dar_query=query, dar_chunk=2))
+    sources, add = [], dar_minimal.Sources.add
+    monkeypatch.setattr(dar_minimal.Sources, "add", lambda src, v_i: (sources.append(v_i), add(src, v_i))[1])
+    saved = set()
+
+    def pack(tensor):
+        saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(*inputs())
+    assert len(sources) == 2 * TINY["depth"] + 1
+    assert not saved & {v_i.untyped_storage().data_ptr() for v_i in sources}
+
+
 def test_compiled_path_plain_sum_equals_slot_buffers(monkeypatch):
     """Under torch.compile the router returns the plain sum; check that path (in eager, by pretending)."""
     model = randomize(DiT(**TINY, dar_query="static_t", dar_chunk=4)).double()
@@ -271,18 +310,13 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(routing, query):
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-def test_routing_weights_read_out_are_those_of_the_forward():
+def test_routing_weights_read_out_are_those_of_the_forward(monkeypatch):
     """Rebuild the final aggregator's input from the read-out weights and check the model's output."""
     model = randomize(DiT(**TINY, dar_query="static_t", dar_chunk=2)).double()
     x, t, y = inputs(dtype=torch.float64)
-    sources = []
+    sources, add = [], dar_minimal.Sources.add
+    monkeypatch.setattr(dar_minimal.Sources, "add", lambda src, v_i: (sources.append(v_i), add(src, v_i))[1])
     model.router.record_alpha = True
-    original = model.router.forward
-
-    def spy(l, src, q):
-        sources[:] = src.v
-        return original(l, src, q)
-    model.router.forward = spy
     out = model(x, t, y)
     alpha = model.routing_weights()[-1]
     h = sum(alpha[..., j:j + 1] * sources[i] for j, i in enumerate(model.router.sources[-1]))

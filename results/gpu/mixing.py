@@ -1,8 +1,8 @@
-"""Eager DAR on a GPU: MixSlots by a multiply and a sum for up to GPU_SUM_SLOTS slots, by cuBLAS bmm for more.
+"""Eager DAR on a GPU: MixSlots slot by slot (multiply-and-add) up to SUM_SLOTS["cuda"] slots, by cuBLAS bmm beyond.
 
-    python results/gpu/mixing.py OUT_DIR [REPEATS]     (DiT-S/2, 32x32, batch 256, bf16: the benchmark's setting)
+    python results/gpu/mixing.py OUT_DIR [REPEATS] [DEPTHS]   (DiT-S/2, 32x32, batch 256, bf16; DEPTHS e.g. 12,28)
 
-The forms are the same code apart from dar_minimal.GPU_SUM_SLOTS (0: always bmm; 1000: always multiply-sum), set
+The forms are the same code apart from dar_minimal.SUM_SLOTS (0: always bmm; 1000: always slot by slot), set
 before every step; arms alternated in one process, two warm-up rounds, medians with min-max, ratios to the
 residual arm of the same depth.
 """
@@ -24,9 +24,10 @@ size = ["--preset", "S", "--batch-size", "256", "--precision", "bf16"] if cuda e
        ["--preset", "tiny", "--batch-size", "8", "--image-size", "16", "--hidden-size", "32", "--device", "cpu"]
 args = parse_args(size + ["--out", out])
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-FORMS = {"bmm": 0, "sum<=4": 4, "sum<=8": 8, "sum": 1000}
-arms = []                                                  # (label, overrides, GPU_SUM_SLOTS, reference label)
-for depth in (12, 28):
+DEPTHS = [int(d) for d in sys.argv[3].split(",")] if len(sys.argv) > 3 else [12, 28]
+FORMS = {"bmm": 0, "sum<=2": 2, "sum<=4": 4, "sum<=8": 8, "sum": 1000}
+arms = []                                                  # (label, overrides, SUM_SLOTS, reference label)
+for depth in DEPTHS:
     ref = f"depth {depth} residual"
     arms.append((ref, dict(depth=depth, routing="residual"), 0, ref))
     for S in ((4, 1) if depth == 12 else (1, 4)):
@@ -38,7 +39,7 @@ sync = torch.cuda.synchronize if cuda else (lambda: None)
 times = {label: [] for label, *_ in arms}
 for rep in range(repeats + 2):
     for label, _, slots, _ in arms:
-        dar_minimal.GPU_SUM_SLOTS = slots
+        dar_minimal.SUM_SLOTS[args.device.split(":")[0]] = slots
         sync()
         t0 = time.perf_counter()
         steps[label]()
