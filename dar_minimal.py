@@ -253,7 +253,7 @@ class SlotBuffer:
         self.grad, self.filled = None, 0                                        # grad[:, :filled] has been written
 
     def add_grad(self, alpha, dh):
-        """grad[:, i] += alpha[:, i] * dh for the first n = alpha.shape[1] slots (the first time: written, not added)."""
+        """grad[:, i] += alpha[:, i] * dh for slots i < alpha.shape[1] (a first gradient is written, not added)."""
         n, k = alpha.shape[1], min(alpha.shape[1], self.filled)
         if self.grad is None:
             self.grad = torch.empty_like(self.data)
@@ -356,7 +356,7 @@ class Sources:
         self.add(v0)
 
     def slot_for(self, i):
-        """The one slot that keeps v_i: the summary slot of c_n = v_{nS}, else a raw slot (opening its chunk's buffer)."""
+        """The one slot that keeps v_i: the summary slot of c_n = v_{nS}, else a raw slot (opening a chunk's buffer)."""
         if i == 0:
             return self.summaries, 0                                        # c_0 = v_0
         n, j = (i - 1) // self.S + 1, (i - 1) % self.S + 1                   # v_i is the j-th output of chunk n
@@ -542,7 +542,8 @@ def guided(velocity_fn, cfg_scale, null_class):
         return velocity_fn
 
     def v(x, t, y):
-        v_c, v_u = velocity_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)])).chunk(2)
+        y_null = torch.full_like(y, null_class)
+        v_c, v_u = velocity_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).chunk(2)
         return v_u + cfg_scale * (v_c - v_u)
     return v
 

@@ -491,6 +491,16 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]) for k in a["model"])
 
 
+def test_logged_train_loss_is_the_mean_of_every_step_since_the_last_log(tmp_path):
+    """Evaluations and checkpoints between two log lines check the pending losses but must not drop them."""
+    losses = lambda out: [(r["step"], r["loss"]) for r in read_log(os.path.join(out, "residual", "log.jsonl"))
+                          if r["kind"] == "train"]
+    plain = run(tmp_path, "--routing", "residual", "--steps", "8", "--log-every", "4", "--eval-every", "8", out="a")
+    busy = run(tmp_path, "--routing", "residual", "--steps", "8", "--log-every", "4", "--eval-every", "3",
+               "--ckpt-every", "5", out="b")
+    assert losses(plain) == losses(busy) and [s for s, _ in losses(plain)] == [4, 8]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = []
 

@@ -384,9 +384,8 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=routing, dynamic_ncols=True,
                disable=None)
 
-    def flush(step):
-        """Check the losses of the steps since the last flush (one sync); stop on a non-finite one."""
-        nonlocal pending
+    def check(step):
+        """Mean of the losses of the steps since the last log line (one sync); stop on a non-finite one."""
         if not pending:
             return None
         losses = torch.stack(pending).float().cpu()
@@ -394,7 +393,6 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
         if len(bad):
             raise RuntimeError(f"[{routing}] non-finite loss at step {step - len(pending) + int(bad[0]) + 1}; "
                                f"stopped. The last good checkpoint is {ckpt_path} (if one was written).")
-        pending = []
         return losses.mean().item()
 
     for step in range(start, args.steps):
@@ -423,13 +421,14 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
         pending.append(loss.detach())
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
-            mean_loss = flush(done)
+            mean_loss = check(done)
+            pending.clear()
             rate = (done - last[0]) / max(time.time() - last[1], 1e-9)
             last = (done, time.time())
             log.write(kind="train", step=done, loss=mean_loss, lr=lr, steps_per_s=rate, images_per_s=rate * B)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.1e}", it_s=f"{rate:.2f}", img_s=f"{rate * B:.0f}")
         if done % args.eval_every == 0 or done == args.steps:
-            flush(done)
+            check(done)
             t_eval = time.time()
             record = evaluate(ema, data, args, done, log, arm_dir, fid_ref,
                               train_seconds=earlier + time.time() - t_start - eval_time)
@@ -438,7 +437,7 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
                        + (f", FID {record['fid']:.2f}" if "fid" in record else ""))
             last = (done, time.time())                                                 # keep eval out of the rates
         if done % args.ckpt_every == 0 or done == args.steps:
-            flush(done)
+            check(done)
             save_checkpoint(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
                                  config=config, seed=args.seed,
                                  data_position=dict(epoch=epoch, index_in_epoch=i + 1)), ckpt_path)

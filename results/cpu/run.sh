@@ -3,15 +3,14 @@
 #   bash results/cpu/run.sh
 # 1. the offline quick start of the README (--dataset shapes, tiny preset, both arms);
 # 2. the benchmark at the tiny preset, eager and compiled arms (results/cpu/bench.sh, rerun alone after later changes);
-# 3. the tiny comparison on the CIFAR-10 JPEG copy (../shared/data/cifar10-jpeg.tar.gz, unpacked to a temp dir).
-# The committed quickstart and cifar_tiny outputs predate commit 9a8876b (validation then: the first --val-size
-# test images in folder order; see the README).
+# 3. the tiny comparison on the CIFAR-10 JPEG copy (results/cpu/cifar_tiny.sh; ../shared/data/cifar10-jpeg.tar.gz,
+#    unpacked to a temp dir; rerun alone after later changes).
+# The committed quickstart outputs predate commit 9a8876b (validation then: the first --val-size test images in
+# folder order; see the README).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 R=results/cpu
-d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz -C "$d"
 python train_cifar.py --preset tiny --dataset shapes --val-size 500 --sample-steps 20 --out $R/quickstart 2>&1 | tee $R/quickstart.log
 bash results/cpu/bench.sh
-python train_cifar.py --preset tiny --dataset folder --data-dir "$d/train" --val-dir "$d/test" --steps 1200 \
-    --val-size 1000 --sample-steps 20 --out $R/cifar_tiny 2>&1 | tee $R/cifar_tiny.log
+bash results/cpu/cifar_tiny.sh
 for f in $R/*/*/ckpt.pt; do mkdir -p "runs/$(dirname "$f")"; mv "$f" "runs/$f"; done   # keep, uncommitted
