@@ -385,6 +385,7 @@ class Sources:
         h = MixSlots.apply(alpha[:, :n], alpha[:, n:], self.token, self.summaries, chunk)
         return h.view(B, N, -1)
 
+
 # ----------------------------------------------------------------------------------------------------
 # The DiT, with residual or DAR routing
 # ----------------------------------------------------------------------------------------------------

@@ -2,8 +2,7 @@
 # Ablations (issue 6) at the tiny size, short budget: DAR's query (static, static+t, dynamic) and chunk size
 # (1, 2, 4), each arm 300 steps on the CIFAR-10 JPEG copy with the same seed, data order and validation,
 # compared at equal steps. From the repository root: bash results/cpu/ablations.sh
-# The committed outputs predate commit 9a8876b: their validation set was the first 500 test images in folder
-# order (airplanes only; see the README).
+# Validation: 500 random test images of all classes (the same for every arm). About 20 minutes on 2 cores.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz -C "$d"
