@@ -14,7 +14,7 @@ for a in "static 4" "dynamic 4" "static_t 1" "static_t 2"; do
     set -- $a
     python train_cifar.py $common --routing dar --dar-query $1 --dar-chunk $2 --out $R/${1}_c$2 2>&1 | tail -1
 done
-for f in $R/*/*/ckpt.pt; do rm -f "$f"; done
+for f in $R/*/*/ckpt.pt $R/*/*/samples_00000*.png $R/*/*/samples_0000[12]*.png; do rm -f "$f"; done   # keep step 300
 python - <<'PY'
 import glob, json, os
 rows = {}
