@@ -5,12 +5,11 @@
 # 2. the benchmark at the tiny preset, eager and compiled arms (results/cpu/bench.sh, rerun alone after later changes);
 # 3. the tiny comparison on the CIFAR-10 JPEG copy (results/cpu/cifar_tiny.sh; ../shared/data/cifar10-jpeg.tar.gz,
 #    unpacked to a temp dir; rerun alone after later changes).
-# The committed quickstart outputs predate commit 9a8876b (validation then: the first --val-size test images in
-# folder order; see the README).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 R=results/cpu
 python train_cifar.py --preset tiny --dataset shapes --val-size 500 --sample-steps 20 --out $R/quickstart 2>&1 | tee $R/quickstart.log
+for f in $R/quickstart/*/samples_0000[0-3]*.png; do mkdir -p "runs/$(dirname "$f")"; mv "$f" "runs/$f"; done   # keep step 400
 bash results/cpu/bench.sh
 bash results/cpu/cifar_tiny.sh
 for f in $R/*/*/ckpt.pt; do mkdir -p "runs/$(dirname "$f")"; mv "$f" "runs/$f"; done   # keep, uncommitted
