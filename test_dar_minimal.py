@@ -144,10 +144,11 @@ def test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chun
         assert (g - r).norm() <= 1e-8 * (r.norm() + 1e-12), name
 
 
+@pytest.mark.parametrize("bmm", [True, False])
 @pytest.mark.parametrize("query,chunk", [("static_t", 4), ("dynamic", 2), ("static", 1)])
-def test_multiply_and_sum_mixing_equals_the_plain_definition(query, chunk, monkeypatch):
-    """The GPU's form of MixSlots (a multiply and a sum for few slots, bmm for more), checked here on the CPU."""
-    monkeypatch.setattr(dar_minimal.MixSlots, "use_bmm", staticmethod(lambda slots, n: n > 2))
+def test_both_mixing_forms_equal_the_plain_definition(query, chunk, bmm, monkeypatch):
+    """MixSlots with every product as one bmm, or every product slot by slot (the default switches by slot count)."""
+    monkeypatch.setattr(dar_minimal.MixSlots, "use_bmm", staticmethod(lambda slots, n: bmm))
     test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chunk)
 
 
