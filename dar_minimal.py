@@ -14,6 +14,7 @@ Convention (SiT's), used everywhere in this project: t = 0 is pure noise, t = 1 
     x_t = t * x1 + (1 - t) * x0,   x0 ~ N(0, I),   target velocity  x1 - x0.
 """
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -177,7 +178,7 @@ def chunk_sources(l, L, S):
 
 def key_scores(v_i, q):
     """What the readers need of source v_i, computed once when v_i is produced, and r = 1 / RMS(v_i), (B, N, 1).
-    Static queries: the scores q_l . RMSNorm_l(v_i) / sqrt(d) of all readers in one matmul, (B, N, L+1) in fp32
+    Static queries: the scores q_l . RMSNorm_l(v_i) / sqrt(d) of the readers in q in one matmul, (B, N, readers) in fp32
     (q from DepthRouter.static_queries, RMSNorm weight and 1/sqrt(d) folded in); dynamic queries (q None): r."""
     norm = torch.linalg.vector_norm(v_i, dim=-1, keepdim=True,                # one reduction in >= fp32
                                     dtype=torch.promote_types(v_i.dtype, torch.float32))
@@ -204,6 +205,7 @@ class DepthRouter(nn.Module):
             self.W_q = nn.Parameter(torch.zeros(L + 1, d, d))                   # W_q^(l), zero: uniform at init
         self.record_alpha = False       # set True to keep the weights of the last forward in self.alpha
         self.alpha = []
+        self.kept = {}                  # (CPU) slot buffers kept for the next forward, see SlotSources
 
     def static_queries(self, t_emb):
         """q_l(t) for every reader at once, RMSNorm weight and 1/sqrt(d) folded in: (B, L+1, d), or None if dynamic."""
@@ -214,9 +216,10 @@ class DepthRouter(nn.Module):
             q = q + self.e(t_emb).unsqueeze(1)                                  # static+t: q_l(t) = w_l + e(t)
         return q * self.key_weight / math.sqrt(q.shape[-1])
 
-    def forward(self, l, src, q):
-        """h_l = sum_{i in S_l} alpha_{i->l} v_i with alpha = softmax_i(q_l . RMSNorm(v_i) / sqrt(d)), per token."""
-        idx, v, s = self.sources[l - 1], src.v, src.scores
+    def forward(self, l, v, s, q):
+        """h_l = sum_{i in S_l} alpha_{i->l} v_i with alpha = softmax_i(q_l . RMSNorm(v_i) / sqrt(d)), per token;
+        v: the sources so far, s: what key_scores gave for each."""
+        idx = self.sources[l - 1]
         if q is not None:
             scores = torch.cat([s[i][..., l - 1:l] for i in idx], dim=-1)      # precomputed by key_scores
         else:
@@ -225,165 +228,177 @@ class DepthRouter(nn.Module):
         alpha = scores.softmax(dim=-1)                                          # (B, N, |S_l|), sums to 1 per token
         if self.record_alpha:
             self.alpha.append(alpha.detach())
-        if torch.compiler.is_compiling():                                       # the compiler fuses the plain sum
-            return sum(alpha[..., j:j + 1].to(v[i].dtype) * v[i] for j, i in enumerate(idx))
-        return src.mix(l, alpha)                                                # the same sum, from slot buffers
+        return sum(alpha[..., j:j + 1].to(v[i].dtype) * v[i] for j, i in enumerate(idx))
+
+
+class Sources:
+    """The sources v_0, v_1, ... of one DAR forward, each with its key scores, in a list: DAR as written."""
+
+    def __init__(self, router, q):
+        self.router, self.q, self.v, self.s = router, q, [], []
+
+    def push(self, v_i):
+        """Append source v_i, then return the input of the next reader, h_{i+1} (i = L: the final aggregator's)."""
+        self.v.append(v_i)
+        self.s.append(key_scores(v_i, self.q)[0])
+        return self.router(len(self.v), self.v, self.s, self.q)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Keeping the sources so that h_l = sum_i alpha_i v_i is cheap (eager mode)
+# The same sums, fast in eager mode (static queries)
 #
-# Summing a Python list of sources costs about 3 memory passes per source forward and 9 backward, for every
-# (reader, source) pair, and autograd would keep every v_i twice (for the mixture and for the key norm).
-# Instead each source is copied once, when it is produced, into a per-token slot buffer of shape (tokens, slots, d):
-# one buffer for the chunk summaries c_0, c_1, ..., one per chunk for its raw outputs. Every reader's sources are
-# then two contiguous slot ranges: its mixture is a multiply-and-add per slot (few slots) or one batched matmul,
-# and hand-written backwards add alpha_i * dL/dh_l into a gradient buffer in place and read v_i back from its slot,
-# so autograd saves no source at all. A 0-dim "token" threads through every write and read so that autograd runs
-# the backward of a write only after the backwards of all the reads after it. The maths is unchanged: the tests
-# compare it with the plain definition, outputs and gradients. Under torch.compile the plain sum is used instead
-# (see DepthRouter) and fused by the compiler. Measured: README, Cost.
+# Summing Python lists costs about 3 memory passes per (reader, source) pair forward and 9 backward, and autograd
+# keeps every v_i twice (for the mixture and for the key norm). Instead:
+#   - every source is copied once, when produced, into its slot of one buffer (L+1, tokens, d): the summaries
+#     c_0, c_1, .. first, then every other output in order, so that a reader's sources are two slot ranges and its
+#     mixture one or two products (slot by slot for few slots, else one bmm);
+#   - the backward is turned around. Reader l only files dL/dh_l and h_l . dL/dh_l; then each source gathers what it
+#     needs from all its readers, a contiguous range of them, in one product each:
+#         dL/ds_{i->l} = alpha_{i->l} (v_i . dL/dh_l - h_l . dL/dh_l)      (the softmax's backward)
+#         dL/dv_i      = sum_l alpha_{i->l} dL/dh_l   + the key scores' part (see Push.backward)
+#     One autograd node per source, Push: "v_i in, h_{i+1} out". Each Push also takes the previous one's output, so
+#     autograd runs its backward after those of all later Pushes: after all the readers of v_i.
+# Autograd keeps no source. The tests compare outputs and gradients with the plain definition. Under torch.compile
+# (which fuses the plain sums) and for dynamic queries the list above is used. Measured: README, Cost.
 # ----------------------------------------------------------------------------------------------------
 
-class SlotBuffer:
-    """Per-token slots (T, K, d) holding copies of sources, and (made in backward) the gradients that readers add."""
-
-    def __init__(self, tokens, slots, d, dtype, device):
-        self.data = torch.empty(tokens, slots, d, dtype=dtype, device=device)   # each slot is written before any read
-        self.grad, self.filled = None, 0                                        # grad[:, :filled] has been written
-
-    def add_grad(self, alpha, dh):
-        """grad[:, i] += alpha[:, i] * dh for slots i < alpha.shape[1] (a first gradient is written, not added)."""
-        n, k = alpha.shape[1], min(alpha.shape[1], self.filled)
-        if self.grad is None:
-            self.grad = torch.empty_like(self.data)
-        self.grad[:, :k].addcmul_(alpha[:, :k, None], dh)
-        torch.mul(alpha[:, k:n, None], dh, out=self.grad[:, k:n])
-        self.filled = max(self.filled, n)
-
-    def slot_grad(self, slot):
-        """dL/d(slot) summed over all its readers, (T, d)."""
-        return self.grad[:, slot] if slot < self.filled else torch.zeros_like(self.data[:, slot])
+SUM_SLOTS = {"cpu": 3, "cuda": 4}   # weighted sums: slot by slot up to this many slots, beyond as one bmm
+DOT_SLOTS = {"cpu": 0, "cuda": 4}   # dot products: likewise (on the CPU even the small bmm beats multiply-and-sum)
 
 
-class AddSource(torch.autograd.Function):
-    """A new source v_i: copied into buffer[:, slot], its key scores computed (key_scores). Returns the scores and a
-    token for later reads. The backward reads v_i back from the slot, so autograd never keeps v_i itself."""
-
-    @staticmethod
-    def forward(ctx, v_i, q, token, buffer, slot):
-        buffer.data[:, slot].copy_(v_i.reshape(-1, v_i.shape[-1]))
-        scores, r = key_scores(buffer.data[:, slot].view(v_i.shape), q)        # the slot's copy: as backward sees it
-        ctx.save_for_backward(q, scores, r)
-        ctx.buffer, ctx.slot, ctx.shape = buffer, slot, v_i.shape
-        return scores, token.new_empty(())
-
-    @staticmethod
-    def backward(ctx, ds, _):
-        q, s, r = ctx.saved_tensors
-        v = ctx.buffer.data[:, ctx.slot].view(ctx.shape)
-        # s_l = (v . q_l) r with r = (|v|^2 / d + eps)^(-1/2):  ds_l/dv = r q_l - s_l r^2 v / d  (dynamic: s = r, no q)
-        c = (ds * s).sum(-1, keepdim=True) * r.square() / v.shape[-1]
-        dv = torch.addcmul(ctx.buffer.slot_grad(ctx.slot).view(ctx.shape), v, -c.to(v.dtype))  # readers' - c v
-        if q is None:
-            return dv, None, None, None, None
-        dsr = (ds * r).to(v.dtype)                                              # (B, N, L+1)
-        dv.baddbmm_(dsr, q.to(v.dtype))                                         # + r sum_l ds_l q_l
-        return dv, (dsr.mT @ v).to(q.dtype), None, None, None                   # dq_l = sum_tokens ds_l r v
+def use_bmm(x, few=SUM_SLOTS):
+    """Whether a product over the n slots of x (n, T, d) runs as one bmm: thin bmms are slow on few slots."""
+    return x.shape[0] > few.get(x.device.type, 4)
 
 
-SUM_SLOTS = {"cpu": 3, "cuda": 4}   # MixSlots multiplies and adds slot by slot up to this many slots, beyond: bmm
+def weighted_sum(w, x, h=None):
+    """h + sum_i w[:, i] x[i] for weights w (T, n) and slots x (n, T, d); h (T, d) or None."""
+    w = w.to(x.dtype)
+    if use_bmm(x):
+        s = torch.bmm(w.unsqueeze(1), x.transpose(0, 1)).squeeze(1)
+        return s if h is None else h.add_(s)
+    for i in range(x.shape[0]):
+        h = x[i] * w[:, i:i + 1] if h is None else h.addcmul_(x[i], w[:, i:i + 1])
+    return h
 
 
-class MixSlots(torch.autograd.Function):
-    """h = alpha_c . summaries[:, :n] + alpha_r . chunk[:, :m] per token, from and into slot buffers."""
+def slot_dots(x, y):
+    """x[i] . y for slots x (n, T, d) and y (T, d): (T, n) in >= fp32."""
+    if use_bmm(x, DOT_SLOTS):
+        return fp32(torch.bmm(y.unsqueeze(1), x.permute(1, 2, 0)).squeeze(1))   # a row times a matrix: the fast bmm
+    return (x * y).sum(-1, dtype=torch.promote_types(x.dtype, torch.float32)).mT
 
-    @staticmethod
-    def forward(ctx, alpha_c, alpha_r, token, summaries, chunk):
-        ctx.save_for_backward(alpha_c, alpha_r)
-        ctx.buffers = [(summaries, alpha_c.shape[1]), (chunk, alpha_r.shape[1])]
-        h = None
-        for alpha, (buffer, n) in zip((alpha_c, alpha_r), ctx.buffers):
-            if n:
-                h = MixSlots.weighted_sum(alpha.to(buffer.data.dtype), buffer.data[:, :n], h)    # (T, d)
+
+class SlotSources:
+    """The same sources in one slot buffer, for eager mode with static queries (see above)."""
+
+    def __init__(self, router, shape, q, dtype):
+        (B, N, d), L, S = shape, router.num_sublayers, router.chunk
+        self.router, self.q, self.shape, self.L, self.S, self.N = router, q, shape, L, S, -(-L // S)
+        f32 = dict(dtype=torch.promote_types(dtype, torch.float32), device=q.device)
+        self.v = self.buffer("v", (L + 1, B * N, d), dtype)                # v[k]: the source in slot k
+        self.s = torch.empty(L + 1, B * N, L + 1, **f32)                   # s[k, :, l-1]: its score for reader l
+        self.r = torch.empty(B * N, L + 1, **f32)                          # r[:, k]: its 1 / RMS
+        grad = torch.is_grad_enabled()                                     # alpha only for the backward:
+        self.alpha = torch.empty(L + 1, B * N, L + 1, **f32) if grad else None   # alpha[k, :, l-1]: its weight in h_l
+        self.hdh = torch.empty(B * N, L + 1, **f32)                        # (backward) h_l . dL/dh_l
+        self.dh = self.dq = None                                           # (backward) dL/dh_l per reader, dL/dq
+        self.plan = [(self.slot(i), self.readers(i), self.read_slots(i + 1)) for i in range(L + 1)]
+        self.count, self.h, self.done = 0, None, False         # done: its backward has run to the end
+
+    def buffer(self, name, shape, dtype):
+        """An empty buffer. On the CPU, the one of an earlier forward that is gone or done: there, fresh pages cost
+        more than the work done in them (CUDA's caching allocator already reuses memory)."""
+        x, owner = self.router.kept.get(name, (None, None))
+        fits = x is not None and (x.shape, x.dtype, x.device) == (shape, dtype, self.q.device)
+        if not (fits and getattr(owner(), "done", True)):                  # owner() None: that forward is gone
+            x = torch.empty(shape, dtype=dtype, device=self.q.device)
+        if x.device.type == "cpu":
+            self.router.kept[name] = (x, weakref.ref(self))
+        return x
+
+    def taken(self):
+        """Whether a later forward has taken the buffers of this one (possible once its backward is done)."""
+        return any(x is getattr(self, name) and owner() is not self for name, (x, owner) in self.router.kept.items())
+
+    def slot(self, i):
+        """Slot of v_i: the summaries c_0 = v_0, c_n = v_{nS} (n < N) take slots 0..N-1, then the other v_i in order."""
+        n, j = divmod(i, self.S)
+        return n if j == 0 and n < self.N else self.N + i - 1 - min((i - 1) // self.S, self.N - 1)
+
+    def readers(self, i):
+        """The readers of v_i as a range (a, b), l = a+1 .. b: all later ones for a summary or in the last chunk, else
+        the rest of its chunk."""
+        n, j = divmod(i, self.S)
+        last = j == 0 and n < self.N or (i - 1) // self.S + 1 == self.N
+        return i, self.L + 1 if last else ((i - 1) // self.S + 1) * self.S
+
+    def read_slots(self, l):
+        """The slots of S_l as (n, r0, m): summaries 0..n-1, then the m outputs of its chunk so far from slot r0."""
+        n = (min(l, self.L) - 1) // self.S + 1                             # reader l is in chunk n
+        return n, self.N + (n - 1) * (self.S - 1), l - 1 - (n - 1) * self.S
+
+    def push(self, v_i):
+        """Append source v_i, then return h_{i+1} (Push)."""
+        h = Push.apply(v_i, self.q, self.h, self)
+        self.h = h if self.count <= self.L else None       # not the last (self -> h -> its node -> self: a cycle)
         return h
 
-    @staticmethod
-    def use_bmm(slots, n):
-        """Whether a product over n slots runs as one bmm (else slot by slot); measured in README, Cost."""
-        # bmm reads each slot once, but both the CPU's bmm (below 4 slots) and a GPU's cuBLAS run these thin
-        # (1 x n) @ (n x d) products slowly: few slots are cheaper one at a time.
-        return n > SUM_SLOTS.get(slots.device.type, 4)
+
+class Push(torch.autograd.Function):
+    """v_i into its slot with its readers' scores; h_{i+1} out of the slots. The backward files reader i+1's part,
+    then computes dL/dv_i from all its readers (and, at v_0, the last, returns dL/dq). h_i, the previous Push's output,
+    is an input only so that autograd runs this backward after the later Pushes', whatever f_i is."""
 
     @staticmethod
-    def weighted_sum(alpha, slots, h=None):
-        """h + sum_i alpha[:, i] slots[:, i] for alpha (T, n) and slots (T, n, d); h (T, d) or None."""
-        if MixSlots.use_bmm(slots, alpha.shape[1]):
-            s = torch.bmm(alpha.unsqueeze(1), slots).squeeze(1)
-            return s if h is None else h.add_(s)
-        for i in range(alpha.shape[1]):
-            h = slots[:, i] * alpha[:, i:i + 1] if h is None else h.addcmul_(slots[:, i], alpha[:, i:i + 1])
+    def forward(ctx, v_i, q, h_i, src):
+        i, T = src.count, src.v.shape[1]
+        (k, (a, b), (n, r0, m)), l = src.plan[i], i + 1
+        src.count += 1
+        src.v[k] = v_i.reshape(T, -1)
+        s, r = key_scores(src.v[k].view(src.shape), q[:, a:b])             # read back from the slot, as backward will
+        src.s[k, :, a:b], src.r[:, k] = s.view(T, -1), r.view(T)
+        s = src.s[:, :, l - 1]
+        s = torch.cat([s[:n].mT, s[r0:r0 + m].mT], dim=-1)                   # the scores of S_l, (T, |S_l|)
+        alpha = s.softmax(dim=-1)
+        if src.alpha is not None:
+            src.alpha[:n, :, l - 1], src.alpha[r0:r0 + m, :, l - 1] = alpha[:, :n].mT, alpha[:, n:].mT
+        h = weighted_sum(alpha[:, :n], src.v[:n])                           # summaries c_0 .. c_{n-1}
+        if m:
+            h = weighted_sum(alpha[:, n:], src.v[r0:r0 + m], h)             # then the outputs of chunk n so far
+        h = h.view(src.shape)
+        if src.router.record_alpha:
+            src.router.alpha.append(alpha.view(*src.shape[:2], -1))
+        ctx.save_for_backward(h)
+        ctx.src, ctx.i = src, i
         return h
 
     @staticmethod
     def backward(ctx, dh):
-        grads = []
-        for alpha, (buffer, n) in zip(ctx.saved_tensors, ctx.buffers):
-            if n == 0:
-                grads.append(torch.zeros_like(alpha))
-                continue
-            dh_, v = dh.to(buffer.data.dtype).unsqueeze(1), buffer.data[:, :n]                  # (T, 1, d), (T, n, d)
-            if MixSlots.use_bmm(v, n):
-                dalpha = torch.bmm(v, dh_.mT).squeeze(-1)
-            else:
-                dalpha = (v * dh_).sum(-1)
-            grads.append(dalpha.to(alpha.dtype))                                                # dL/dalpha_i = v_i . dh
-            buffer.add_grad(alpha.to(dh_.dtype), dh_)                                           # dL/dv_i += alpha_i dh
-        return grads[0], grads[1], None, None, None
-
-
-class Sources:
-    """The sources v_0, v_1, ... of one DAR forward: their key scores, and their copies in slot buffers."""
-
-    def __init__(self, router, v0, q, dtype):
-        self.router, self.q, self.v, self.scores = router, q, [], []
-        self.L, self.S, T, d = router.num_sublayers, router.chunk, v0.shape[0] * v0.shape[1], v0.shape[-1]
-        self.num_chunks = -(-self.L // self.S)
-        self.new_buffer = lambda slots: SlotBuffer(T, slots, d, dtype, v0.device)
-        self.summaries = self.new_buffer(self.num_chunks)                   # c_0 .. c_{N-1}
-        self.chunks = []                                                    # raw outputs, one buffer per chunk
-        self.token = v0.new_zeros(())
-        self.add(v0)
-
-    def slot_for(self, i):
-        """The one slot that keeps v_i: the summary slot of c_n = v_{nS}, else a raw slot (opening a chunk's buffer)."""
-        if i == 0:
-            return self.summaries, 0                                        # c_0 = v_0
-        n, j = (i - 1) // self.S + 1, (i - 1) % self.S + 1                   # v_i is the j-th output of chunk n
-        last_chunk = n == self.num_chunks
-        if j == 1:                                                          # raw slots that some reader will read
-            self.chunks.append(self.new_buffer(self.L - (n - 1) * self.S if last_chunk else self.S - 1))
-        if j == self.S and not last_chunk:
-            return self.summaries, n                                        # c_n = v_{nS}
-        return self.chunks[n - 1], j - 1
-
-    def add(self, v_i):
-        """Append source v_i: its key scores, and (eager) its copy in its slot."""
-        keep = self.q is None or torch.compiler.is_compiling()             # only these read v_i itself again
-        self.v.append(v_i if keep else None)
-        if torch.compiler.is_compiling():                                   # no buffers in compiled graphs
-            return self.scores.append(key_scores(v_i, self.q)[0])
-        scores, self.token = AddSource.apply(v_i, self.q, self.token, *self.slot_for(len(self.v) - 1))
-        self.scores.append(scores)
-
-    def mix(self, l, alpha):
-        """sum_i alpha_i v_i over S_l: summaries c_0..c_{n-1} first, then the raw outputs of chunk n so far."""
-        n = (min(l, self.L) - 1) // self.S + 1
-        B, N, K = alpha.shape
-        alpha = alpha.reshape(B * N, K)
-        chunk = self.chunks[n - 1] if K > n else None
-        h = MixSlots.apply(alpha[:, :n], alpha[:, n:], self.token, self.summaries, chunk)
-        return h.view(B, N, -1)
+        (h,), src, i = ctx.saved_tensors, ctx.src, ctx.i
+        (k, (a, b), _), (B, N, d) = src.plan[i], src.shape
+        if src.dq is None:                                                  # the first backward Push (i = L)
+            if src.done and src.taken():
+                raise RuntimeError("DAR: a later forward has taken this graph's slot buffers; backward it before")
+            src.dh = src.buffer("dh", src.v.shape, src.v.dtype) if src.dh is None else src.dh
+            src.dq = torch.zeros_like(src.q)
+        src.dh[i] = dh.reshape(B * N, d)                                    # reader l = i+1 (the first of v_i's)
+        src.hdh[:, i] = (h * dh).sum(-1, dtype=src.hdh.dtype).view(-1)      # = sum_{j in S_l} alpha_{j->l} v_j . dh_l
+        v, s, r = src.v[k], src.s[k, :, a:b], src.r[:, k:k + 1]             # (T, d), (T, R), (T, 1)
+        dh = src.dh[a:b]                                                    # dL/dh_l of its readers, (R, T, d)
+        alpha = src.alpha[k, :, a:b]                                        # alpha_{i->l}, (T, R)
+        ds = alpha * (slot_dots(dh, v) - src.hdh[:, a:b])                   # dL/ds_{i->l}
+        dv = weighted_sum(alpha, dh)                                        # sum_l alpha_{i->l} dL/dh_l
+        # s_l = (v . q_l) r with r = (|v|^2 / d + eps)^(-1/2):  ds_l/dv = r q_l - s_l r^2 v / d
+        c = (ds * s).sum(-1, keepdim=True) * r.square() / d
+        dv.addcmul_(v, -c.to(v.dtype))
+        dsr = (ds * r).to(v.dtype).view(B, N, -1)                           # (B, N, R)
+        dv = dv.view(B, N, d).baddbmm_(dsr, src.q[:, a:b].to(v.dtype))      # + r sum_l ds_l q_l
+        src.dq[:, a:b] += dsr.mT @ v.view(B, N, d)                          # dq_l = sum_tokens ds_l r v
+        if i > 0:
+            return dv, None, None, None
+        dq, src.dq, src.done = src.dq, None, True                           # v_0 is the last source to finish
+        return dv, dq, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -477,12 +492,15 @@ class DiT(nn.Module):
         router = self.router
         router.alpha = []
         q = router.static_queries(t_emb)                           # (B, L+1, d) or None for dynamic queries
-        src = Sources(router, h0, q, dtype=t_emb.dtype)            # v_0 = h0; each key is normalised once
+        if q is None or torch.compiler.is_compiling():
+            src = Sources(router, q)                               # as written (the compiler fuses the sums)
+        else:
+            src = SlotSources(router, h0.shape, q, t_emb.dtype)    # the same sums, fast in eager mode
+        h = src.push(h0)                                           # v_0 = h_0 (each key normalised once); h_1
         for block in self.blocks:
             for f in block.sublayers(c):                           # attention, then MLP
-                h = router(len(src.v), src, q)                     # h_l = sum_i alpha_{i->l}(t) v_i
-                src.add(f(h))                                      # v_l = f_l(h_l; t)
-        return router(len(src.v), src, q)                          # the dedicated final aggregator
+                h = src.push(f(h))                                 # v_l = f_l(h_l; t); h_{l+1} = sum_i alpha_i v_i
+        return h                                                   # h_{L+1}: the dedicated final aggregator's
 
     def routing_weights(self):
         """The alpha_{i->l} of the last forward (router.record_alpha must be True): a list over readers of
@@ -589,15 +607,13 @@ def sample(velocity_fn, x0, y=None, steps=50, method="euler", cfg_scale=1.0, nul
 # ----------------------------------------------------------------------------------------------------
 
 def block_states(model):
-    """Registers hooks that collect z_k, the state each block k hands on: the block output (residual), or the
-    aggregated input of block k+1 and, for the last block, the final aggregator's output (DAR). Returns
-    (list filled by the next forward, a function that removes the hooks)."""
+    """Registers hooks that collect z_k, the state each block k hands on: the input of the next block's first
+    LayerNorm, and for the last block the final layer's (the block output with residual routing, the aggregated
+    input of block k+1 or the final aggregator's output with DAR). Returns (list filled by the next forward, a
+    function that removes the hooks)."""
     states = []
-    if model.routing == "residual":
-        hooks = [b.register_forward_hook(lambda m, i, out: states.append(out)) for b in model.blocks]
-    else:
-        readers = set(range(3, 2 * len(model.blocks), 2)) | {2 * len(model.blocks) + 1}   # inputs of blocks 2..D, final
-        hooks = [model.router.register_forward_hook(lambda m, i, out: states.append(out) if i[0] in readers else None)]
+    norms = [block.norm1 for block in model.blocks[1:]] + [model.final_layer.norm_final]
+    hooks = [norm.register_forward_pre_hook(lambda m, args: states.append(args[0])) for norm in norms]
     return states, lambda: [h.remove() for h in hooks]
 
 

@@ -145,41 +145,93 @@ def test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chun
 
 
 @pytest.mark.parametrize("bmm", [True, False])
-@pytest.mark.parametrize("query,chunk", [("static_t", 4), ("dynamic", 2), ("static", 1)])
-def test_both_mixing_forms_equal_the_plain_definition(query, chunk, bmm, monkeypatch):
-    """MixSlots with every product as one bmm, or every product slot by slot (the default switches by slot count)."""
-    monkeypatch.setattr(dar_minimal.MixSlots, "use_bmm", staticmethod(lambda slots, n: bmm))
+@pytest.mark.parametrize("query,chunk", [("static_t", 4), ("static_t", 2), ("static", 1)])
+def test_both_product_forms_equal_the_plain_definition(query, chunk, bmm, monkeypatch):
+    """Every slot product as one bmm, or every one slot by slot (the default switches by slot count)."""
+    monkeypatch.setattr(dar_minimal, "use_bmm", lambda x, few=None: bmm)
     test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chunk)
 
 
-@pytest.mark.parametrize("static", [True, False])
-def test_add_source_backward_is_the_gradient_of_the_key_scores(static):
-    """AddSource's hand-written backward (v_i read back from its slot, plus the readers' gradient) vs autograd."""
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_push_gradients_by_finite_differences(chunk):
+    """The slot path's hand-written backward (sources fed in directly, not through sublayers) vs finite differences
+    and vs autograd on the plain list."""
     g = torch.Generator().manual_seed(0)
-    v, dh = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(10, 8, generator=g, dtype=torch.float64)
-    q = torch.randn(2, 7, 8, generator=g, dtype=torch.float64) if static else None
-    alpha = torch.rand(10, 2, generator=g, dtype=torch.float64)
+    L, d = 5, 8
+    router = randomize(dar_minimal.DepthRouter(d, L, "static_t", chunk)).double()
+    v = [torch.randn(2, 3, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(L + 1)]
+    q = router.static_queries(torch.randn(2, d, generator=g, dtype=torch.float64)).detach().requires_grad_()
 
-    def fast(v, q, readers=False):
-        buffer = dar_minimal.SlotBuffer(10, 2, 8, torch.float64, "cpu")
-        scores, token = dar_minimal.AddSource.apply(v, q, v.new_zeros(()), buffer, 1)
-        if readers:
-            buffer.add_grad(alpha, dh.unsqueeze(1))                          # as two readers' backwards would
-        return scores
-    inputs_ = (v.requires_grad_(), q.requires_grad_()) if static else (v.requires_grad_(), None)
-    assert torch.autograd.gradcheck(fast, inputs_)
-    w = torch.randn(2, 5, 7 if static else 1, generator=g, dtype=torch.float64)
-    plain = (dar_minimal.key_scores(v, q)[0] * w).sum() + (alpha[:, 1:] * dh * v.reshape(10, 8)).sum()
-    got = torch.autograd.grad((fast(v, q, readers=True) * w).sum(), v)[0]
-    assert torch.allclose(got, torch.autograd.grad(plain, v)[0], rtol=1e-12, atol=1e-12)
+    def run(slots, q, *v):
+        src = dar_minimal.SlotSources(router, v[0].shape, q, torch.float64) if slots else Sources(router, q)
+        return torch.stack([src.push(v_i) for v_i in v])                  # h_1 .. h_{L+1}
+    assert torch.autograd.gradcheck(lambda q, *v: run(True, q, *v), (q, *v))
+    w = torch.randn(L + 1, 2, 3, d, generator=g, dtype=torch.float64)
+    fast = torch.autograd.grad((run(True, q, *v) * w).sum(), (q, *v))
+    plain = torch.autograd.grad((run(False, q, *v) * w).sum(), (q, *v))
+    for a, b in zip(fast, plain):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_slot_buffers_are_kept_from_step_to_step_and_a_graph_is_freed_with_its_loss():
+    """On the CPU the slot buffers of a finished step serve the next one (even while its loss is still referenced),
+    and nothing but the graph keeps a forward's SlotSources alive (no reference cycle for the collector)."""
+    import gc
+    model = randomize(DiT(**TINY, dar_chunk=2))
+    x, t, y = inputs()
+    seen = []
+    gc.disable()
+    try:
+        for _ in range(3):
+            loss = model(x, t, y).square().mean()                    # the previous step's loss is still alive here
+            loss.backward()
+            seen.append({name: b.data_ptr() for name, (b, _) in model.router.kept.items()})
+        assert seen[0] == seen[1] == seen[2] and set(seen[0]) == {"v", "dh"}
+        src = model.router.kept["v"][1]
+        assert src() is not None
+        del loss
+        assert src() is None                                         # freed by reference counting alone
+    finally:
+        gc.enable()
+
+
+def test_backward_twice_works_until_a_later_forward_takes_the_buffers():
+    model = randomize(DiT(**TINY, dar_chunk=2)).double()
+    x, t, y = inputs(dtype=torch.float64)
+    out = model(x, t, y)
+    first = torch.autograd.grad(out.sum(), model.router.w, retain_graph=True)[0]
+    assert torch.equal(torch.autograd.grad(out.sum(), model.router.w, retain_graph=True)[0], first)
+    model(x, t, y).sum().backward()                                  # a later forward reuses the slot buffers
+    with pytest.raises(RuntimeError, match="later forward"):
+        torch.autograd.grad(out.sum(), model.router.w)
+
+
+def test_slot_path_under_bf16_autocast_follows_the_plain_one(monkeypatch):
+    """bf16 autocast (as on a GPU) on the CPU: the slot path's forward and gradients stay within bf16 rounding of
+    the plain definition's under the same autocast."""
+    model = randomize(DiT(**TINY, dar_chunk=2), std=0.2)
+    x, t, y = inputs()
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, y)
+        out.float().square().mean().backward()
+        return out.float(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    fast, fast_grads = run()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)     # the plain list path
+    plain, plain_grads = run()
+    assert (fast - plain).norm() / plain.norm() < 0.05
+    for a, b in zip(fast_grads, plain_grads):
+        assert (a - b).norm() <= 0.1 * b.norm() + 1e-6
 
 
 @pytest.mark.parametrize("query", ["static", "static_t"])
 def test_eager_dar_saves_no_source_for_backward(query, monkeypatch):
-    """The sources live in the slot buffers only: autograd keeps none of the v_i (dynamic queries still do)."""
+    """The sources live in the slot buffer only: autograd keeps none of the v_i (dynamic queries still do)."""
     model = randomize(DiT(**TINY, dar_query=query, dar_chunk=2))
-    sources, add = [], dar_minimal.Sources.add
-    monkeypatch.setattr(dar_minimal.Sources, "add", lambda src, v_i: (sources.append(v_i), add(src, v_i))[1])
+    sources, push = [], dar_minimal.SlotSources.push
+    monkeypatch.setattr(dar_minimal.SlotSources, "push", lambda src, v_i: (sources.append(v_i), push(src, v_i))[1])
     saved = set()
 
     def pack(tensor):
@@ -261,12 +313,10 @@ def router_alpha(model, v, t):
     """The weights every reader of `model` gives fixed sources v at time t (keys fixed, only q(t) may move)."""
     router = model.router
     q = router.static_queries(model.t_embedder(t))
-    src = Sources(router, v[0], q, torch.float32)
+    src = Sources(router, q)
     router.record_alpha, router.alpha = True, []
-    for l in range(1, len(v) + 1):
-        router(l, src, q)
-        if l < len(v):
-            src.add(v[l])
+    for v_i in v:
+        src.push(v_i)                                                 # v_i in, h_{i+1} read
     return router.alpha
 
 
@@ -315,8 +365,8 @@ def test_routing_weights_read_out_are_those_of_the_forward(monkeypatch):
     """Rebuild the final aggregator's input from the read-out weights and check the model's output."""
     model = randomize(DiT(**TINY, dar_query="static_t", dar_chunk=2)).double()
     x, t, y = inputs(dtype=torch.float64)
-    sources, add = [], dar_minimal.Sources.add
-    monkeypatch.setattr(dar_minimal.Sources, "add", lambda src, v_i: (sources.append(v_i), add(src, v_i))[1])
+    sources, push = [], dar_minimal.SlotSources.push
+    monkeypatch.setattr(dar_minimal.SlotSources, "push", lambda src, v_i: (sources.append(v_i), push(src, v_i))[1])
     model.router.record_alpha = True
     out = model(x, t, y)
     alpha = model.routing_weights()[-1]
@@ -463,6 +513,26 @@ def test_compare_end_to_end(tmp_path):
     assert c["residual_final_val_loss"] == c["arms"]["residual"]["final_val_loss"]
     seconds = c["arms"]["dar"]["train_seconds_at_eval"]                      # training time only, growing
     assert 0 < seconds[0] < seconds[1] <= c["arms"]["dar"]["train_seconds"]
+
+
+BENCH = ["--bench-repeats", "2", "--image-size", "8", "--patch-size", "4", "--depth", "2", "--hidden-size", "16",
+         "--num-heads", "2", "--batch-size", "2", "--device", "cpu"]
+
+
+def test_bench_writes_every_arm_with_both_ratios(tmp_path, monkeypatch):
+    out = str(tmp_path / "bench")
+    monkeypatch.setattr(train_cifar, "peak_memory", lambda args, overrides, compiled: 2 ** 20)   # one child each: slow
+    train_cifar.main(["--bench", "--out", out] + BENCH)
+    with open(os.path.join(out, "bench.json")) as f:
+        rows = {r["arm"]: r for r in json.load(f)["rows"]}
+    assert len(rows) == 16 and rows["residual"]["time_ratio"] == rows["residual"]["paired_ratio"] == 1.0
+    assert all(r["paired_ratio"] > 0 and r["memory_ratio"] == 1.0 for r in rows.values())
+    assert "x residual, paired" in open(os.path.join(out, "bench.md")).read()
+
+
+def test_bench_cpu_peak_memory_of_one_arm_in_a_child_process():
+    args = train_cifar.parse_args(["--bench"] + BENCH)
+    assert train_cifar.peak_memory(args, dict(routing="dar", dar_chunk=2), False) > 0
 
 
 def test_both_arms_start_from_the_same_weights():

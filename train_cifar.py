@@ -504,7 +504,8 @@ def cpu_peak_memory(args, overrides, queue):
 
 
 def peak_memory(args, overrides, compiled):
-    """Peak memory of one arm: CUDA max allocated, or a forked child's peak RSS growth on the CPU."""
+    """Peak memory of one arm: CUDA max allocated, or a child process's peak RSS growth on the CPU (spawned, not
+    forked: a fork after torch has started its threads can hang)."""
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -516,7 +517,7 @@ def peak_memory(args, overrides, compiled):
         del model, step
         return peak
     import multiprocessing as mp
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=cpu_peak_memory, args=(args, overrides, queue))
     child.start()
@@ -565,6 +566,8 @@ def bench(args):
     by = {r["arm"]: r for r in rows}
     for r in rows:
         r["time_ratio"] = r["median_ms"] / by[r["reference"]]["median_ms"]
+        mine, ref = times[r["arm"]], times[r["reference"]]                  # same rounds: each step against the
+        r["paired_ratio"] = statistics.median(a / b for a, b in zip(mine, ref))   # reference step of its round
         ref_mb = by[r["reference"]]["peak_memory_mb"]
         r["memory_ratio"] = r["peak_memory_mb"] / ref_mb if r["peak_memory_mb"] and ref_mb else None
     result = dict(machine=machine(), torch=torch.__version__, command=" ".join(["python"] + sys.argv),
@@ -577,10 +580,11 @@ def bench(args):
             if r["arm"] in ("residual", "residual compiled"):
                 r["mfu"] = matmul_flops(args, args.depth) / (r["median_ms"] / 1e3) / peak
         result["mfu_peak_flops"] = peak
-    lines = ["| arm | step ms (median) | min-max | x residual | peak MB | x residual |", "|---|---|---|---|---|---|"]
+    lines = ["| arm | step ms (median) | min-max | x residual | x residual, paired | peak MB | x residual |",
+             "|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)
     lines += [f"| {r['arm']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {r['time_ratio']:.3f} | "
-              f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['memory_ratio'], '.3f')} |"
+              f"{r['paired_ratio']:.3f} | {fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['memory_ratio'], '.3f')} |"
               + (f" MFU {r['mfu']:.1%}" if "mfu" in r else "") for r in rows]
     table = "\n".join(lines)
     print(table)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The CPU benchmark (issue 5) at the tiny preset, from the repository root on a quiet machine (about 15 minutes):
+# The CPU benchmark (issue 5) at the tiny preset, from the repository root on a quiet machine (about 25 minutes):
 # every eager arm, then residual and DAR static_t c4 eager against torch.compile.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 R=results/cpu
-python train_cifar.py --bench --preset tiny --bench-repeats 15 --out $R/bench 2>&1 | tee $R/bench.log
-python train_cifar.py --bench --compile --preset tiny --bench-repeats 15 --out $R/bench_compiled 2>&1 \
+python train_cifar.py --bench --preset tiny --bench-repeats 20 --out $R/bench 2>&1 | tee $R/bench.log
+python train_cifar.py --bench --compile --preset tiny --bench-repeats 20 --out $R/bench_compiled 2>&1 \
     | tee $R/bench_compiled.log

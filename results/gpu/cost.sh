@@ -2,7 +2,7 @@
 # GPU cost evidence (issues 5 and 7), run from the repository root by the device tool ($OUT set):
 #   PARTS="eager mixing profile compiled compiled1 compiled28" bash results/gpu/cost.sh    (the default: all six)
 # eager       the full eager benchmark of the code as committed (DiT-S/2, 32x32, batch 256, bf16);
-# mixing      results/gpu/mixing.py: eager MixSlots as bmm or slot by slot, by SUM_SLOTS["cuda"];
+# mixing      results/gpu/mixing.py: eager slot products as bmm or slot by slot (SUM_SLOTS, DOT_SLOTS);
 # profile     results/gpu/profile_step.py: GPU kernel time and the top kernels of one eager step per arm;
 # compiled    residual and DAR static_t c4, eager and torch.compile (compilation takes minutes);
 # compiled1   the same with dense DAR (chunk 1);

@@ -1,9 +1,9 @@
-"""Eager DAR on a GPU: MixSlots slot by slot (multiply-and-add) up to SUM_SLOTS["cuda"] slots, by cuBLAS bmm beyond.
+"""Eager DAR on a GPU: the slot products (sums and dots) slot by slot up to N slots, by cuBLAS bmm beyond.
 
     python results/gpu/mixing.py OUT_DIR [REPEATS] [DEPTHS]   (DiT-S/2, 32x32, batch 256, bf16; DEPTHS e.g. 12,28)
 
-The forms are the same code apart from dar_minimal.SUM_SLOTS (0: always bmm; 1000: always slot by slot), set
-before every step; arms alternated in one process, two warm-up rounds, medians with min-max, ratios to the
+The forms are the same code apart from dar_minimal.SUM_SLOTS and DOT_SLOTS (N = 0: always bmm; 1000: always slot
+by slot), set before every step; arms alternated in one process, two warm-up rounds, medians with min-max, ratios to the
 residual arm of the same depth.
 """
 import json
@@ -39,7 +39,7 @@ sync = torch.cuda.synchronize if cuda else (lambda: None)
 times = {label: [] for label, *_ in arms}
 for rep in range(repeats + 2):
     for label, _, slots, _ in arms:
-        dar_minimal.SUM_SLOTS[args.device.split(":")[0]] = slots
+        dar_minimal.SUM_SLOTS[args.device.split(":")[0]] = dar_minimal.DOT_SLOTS[args.device.split(":")[0]] = slots
         sync()
         t0 = time.perf_counter()
         steps[label]()
