@@ -205,7 +205,6 @@ class DepthRouter(nn.Module):
             self.W_q = nn.Parameter(torch.zeros(L + 1, d, d))                   # W_q^(l), zero: uniform at init
         self.record_alpha = False       # set True to keep the weights of the last forward in self.alpha
         self.alpha = []
-        self.kept = {}                  # (CPU) slot buffers kept for the next forward, see SlotSources
 
     def static_queries(self, t_emb):
         """q_l(t) for every reader at once, RMSNorm weight and 1/sqrt(d) folded in: (B, L+1, d), or None if dynamic."""
@@ -289,6 +288,9 @@ def slot_dots(x, y):
     return (x * y).sum(-1, dtype=torch.promote_types(x.dtype, torch.float32)).mT
 
 
+KEPT = weakref.WeakKeyDictionary()  # per router, (CPU) slot buffers kept for its next forward: SlotSources.buffer
+
+
 class SlotSources:
     """The same sources in one slot buffer, for eager mode with static queries (see above)."""
 
@@ -309,17 +311,19 @@ class SlotSources:
     def buffer(self, name, shape, dtype):
         """An empty buffer. On the CPU, the one of an earlier forward that is gone or done: there, fresh pages cost
         more than the work done in them (CUDA's caching allocator already reuses memory)."""
-        x, owner = self.router.kept.get(name, (None, None))
+        kept = KEPT.setdefault(self.router, {})
+        x, owner = kept.get(name, (None, None))
         fits = x is not None and (x.shape, x.dtype, x.device) == (shape, dtype, self.q.device)
         if not (fits and getattr(owner(), "done", True)):                  # owner() None: that forward is gone
             x = torch.empty(shape, dtype=dtype, device=self.q.device)
         if x.device.type == "cpu":
-            self.router.kept[name] = (x, weakref.ref(self))
+            kept[name] = (x, weakref.ref(self))
         return x
 
     def taken(self):
         """Whether a later forward has taken the buffers of this one (possible once its backward is done)."""
-        return any(x is getattr(self, name) and owner() is not self for name, (x, owner) in self.router.kept.items())
+        kept = KEPT.get(self.router, {}).items()
+        return any(x is getattr(self, name) and owner() is not self for name, (x, owner) in kept)
 
     def slot(self, i):
         """Slot of v_i: the summaries c_0 = v_0, c_n = v_{nS} (n < N) take slots 0..N-1, then the other v_i in order."""
