@@ -251,6 +251,9 @@ class Sources:
 #   - every source is copied once, when produced, into its slot of one buffer (L+1, tokens, d): the summaries
 #     c_0, c_1, .. first, then every other output in order, so that a reader's sources are two slot ranges and its
 #     mixture one or two products (slot by slot for few slots, else one bmm);
+#   - the scores and softmax weights are small tables (reader, slot, tokens), tokens last: a reader's softmax runs
+#     over the first dimension, over all slots, those outside S_l holding -inf (weight 0); on the CPU a softmax over
+#     a last dimension of a few entries is many times slower;
 #   - the backward is turned around. Reader l only files dL/dh_l and h_l . dL/dh_l; then each source gathers what it
 #     needs from all its readers, a contiguous range of them, in one product each:
 #         dL/ds_{i->l} = alpha_{i->l} (v_i . dL/dh_l - h_l . dL/dh_l)      (the softmax's backward)
@@ -271,21 +274,21 @@ def use_bmm(x, few=SUM_SLOTS):
 
 
 def weighted_sum(w, x, h=None):
-    """h + sum_i w[:, i] x[i] for weights w (T, n) and slots x (n, T, d); h (T, d) or None."""
+    """h + sum_i w[i] x[i] for weights w (n, T) and slots x (n, T, d); h (T, d) or None."""
     w = w.to(x.dtype)
     if use_bmm(x):
-        s = torch.bmm(w.unsqueeze(1), x.transpose(0, 1)).squeeze(1)
+        s = torch.bmm(w.mT.unsqueeze(1).contiguous(), x.transpose(0, 1)).squeeze(1)
         return s if h is None else h.add_(s)
-    for i in range(x.shape[0]):
-        h = x[i] * w[:, i:i + 1] if h is None else h.addcmul_(x[i], w[:, i:i + 1])
+    for x_i, w_i in zip(x, w.unsqueeze(-1)):                         # w_i: (T, 1)
+        h = x_i * w_i if h is None else h.addcmul_(x_i, w_i)
     return h
 
 
 def slot_dots(x, y):
-    """x[i] . y for slots x (n, T, d) and y (T, d): (T, n) in >= fp32."""
+    """x[i] . y for slots x (n, T, d) and y (T, d): (n, T) in >= fp32."""
     if use_bmm(x, DOT_SLOTS):
-        return fp32(torch.bmm(y.unsqueeze(1), x.permute(1, 2, 0)).squeeze(1))   # a row times a matrix: the fast bmm
-    return (x * y).sum(-1, dtype=torch.promote_types(x.dtype, torch.float32)).mT
+        return fp32(torch.bmm(y.unsqueeze(1), x.permute(1, 2, 0)).squeeze(1)).mT   # a row times a matrix: fast bmm
+    return (x * y).sum(-1, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 KEPT = weakref.WeakKeyDictionary()  # per router, (CPU) slot buffers kept for its next forward: SlotSources.buffer
@@ -299,11 +302,11 @@ class SlotSources:
         self.router, self.q, self.shape, self.L, self.S, self.N = router, q, shape, L, S, -(-L // S)
         f32 = dict(dtype=torch.promote_types(dtype, torch.float32), device=q.device)
         self.v = self.buffer("v", (L + 1, B * N, d), dtype)                # v[k]: the source in slot k
-        self.s = torch.empty(L + 1, B * N, L + 1, **f32)                   # s[k, :, l-1]: its score for reader l
-        self.r = torch.empty(B * N, L + 1, **f32)                          # r[:, k]: its 1 / RMS
+        self.s = torch.full((L + 1, L + 1, B * N), -math.inf, **f32)       # s[l-1, k]: score of slot k for reader l
+        self.r = torch.empty(L + 1, B * N, **f32)                          # r[k]: 1 / RMS of slot k
         grad = torch.is_grad_enabled()                                     # alpha only for the backward:
-        self.alpha = torch.empty(L + 1, B * N, L + 1, **f32) if grad else None   # alpha[k, :, l-1]: its weight in h_l
-        self.hdh = torch.empty(B * N, L + 1, **f32)                        # (backward) h_l . dL/dh_l
+        self.alpha = torch.empty(L + 1, L + 1, B * N, **f32) if grad else None   # alpha[l-1, k]: weight of slot k in h_l
+        self.hdh = torch.empty(L + 1, B * N, **f32)                        # (backward) hdh[l-1]: h_l . dL/dh_l
         self.dh = self.dq = None                                           # (backward) dL/dh_l per reader, dL/dq
         self.plan = [(self.slot(i), self.readers(i), self.read_slots(i + 1)) for i in range(L + 1)]
         self.count, self.h, self.done = 0, None, False         # done: its backward has run to the end
@@ -361,18 +364,16 @@ class Push(torch.autograd.Function):
         src.count += 1
         src.v[k] = v_i.reshape(T, -1)
         s, r = key_scores(src.v[k].view(src.shape), q[:, a:b])             # read back from the slot, as backward will
-        src.s[k, :, a:b], src.r[:, k] = s.view(T, -1), r.view(T)
-        s = src.s[:, :, l - 1]
-        s = torch.cat([s[:n].mT, s[r0:r0 + m].mT], dim=-1)                   # the scores of S_l, (T, |S_l|)
-        alpha = s.softmax(dim=-1)
+        src.s[a:b, k], src.r[k] = s.view(T, -1).mT, r.view(T)              # for its readers a+1 .. b
+        alpha = src.s[i].softmax(dim=0)                                     # reader l = i+1, (L+1, T): 0 off S_l (-inf)
         if src.alpha is not None:
-            src.alpha[:n, :, l - 1], src.alpha[r0:r0 + m, :, l - 1] = alpha[:, :n].mT, alpha[:, n:].mT
-        h = weighted_sum(alpha[:, :n], src.v[:n])                           # summaries c_0 .. c_{n-1}
+            src.alpha[i] = alpha
+        h = weighted_sum(alpha[:n], src.v[:n])                              # summaries c_0 .. c_{n-1}
         if m:
-            h = weighted_sum(alpha[:, n:], src.v[r0:r0 + m], h)             # then the outputs of chunk n so far
+            h = weighted_sum(alpha[r0:r0 + m], src.v[r0:r0 + m], h)         # then the outputs of chunk n so far
         h = h.view(src.shape)
         if src.router.record_alpha:
-            src.router.alpha.append(alpha.view(*src.shape[:2], -1))
+            src.router.alpha.append(torch.cat([alpha[:n], alpha[r0:r0 + m]]).mT.reshape(*src.shape[:2], -1))
         ctx.save_for_backward(h)
         ctx.src, ctx.i = src, i
         return h
@@ -387,18 +388,18 @@ class Push(torch.autograd.Function):
             src.dh = src.buffer("dh", src.v.shape, src.v.dtype) if src.dh is None else src.dh
             src.dq = torch.zeros_like(src.q)
         src.dh[i] = dh.reshape(B * N, d)                                    # reader l = i+1 (the first of v_i's)
-        src.hdh[:, i] = (h * dh).sum(-1, dtype=src.hdh.dtype).view(-1)      # = sum_{j in S_l} alpha_{j->l} v_j . dh_l
-        v, s, r = src.v[k], src.s[k, :, a:b], src.r[:, k:k + 1]             # (T, d), (T, R), (T, 1)
+        src.hdh[i] = (h * dh).sum(-1, dtype=src.hdh.dtype).view(-1)         # = sum_{j in S_l} alpha_{j->l} v_j . dh_l
+        v, s, r = src.v[k], src.s[a:b, k], src.r[k]                         # (T, d), (R, T), (T,)
         dh = src.dh[a:b]                                                    # dL/dh_l of its readers, (R, T, d)
-        alpha = src.alpha[k, :, a:b]                                        # alpha_{i->l}, (T, R)
-        ds = alpha * (slot_dots(dh, v) - src.hdh[:, a:b])                   # dL/ds_{i->l}
+        alpha = src.alpha[a:b, k]                                           # alpha_{i->l}, (R, T)
+        ds = alpha * (slot_dots(dh, v) - src.hdh[a:b])                      # dL/ds_{i->l}
         dv = weighted_sum(alpha, dh)                                        # sum_l alpha_{i->l} dL/dh_l
         # s_l = (v . q_l) r with r = (|v|^2 / d + eps)^(-1/2):  ds_l/dv = r q_l - s_l r^2 v / d
-        c = (ds * s).sum(-1, keepdim=True) * r.square() / d
-        dv.addcmul_(v, -c.to(v.dtype))
-        dsr = (ds * r).to(v.dtype).view(B, N, -1)                           # (B, N, R)
-        dv = dv.view(B, N, d).baddbmm_(dsr, src.q[:, a:b].to(v.dtype))      # + r sum_l ds_l q_l
-        src.dq[:, a:b] += dsr.mT @ v.view(B, N, d)                          # dq_l = sum_tokens ds_l r v
+        c = (ds * s).sum(0) * r.square() / d
+        dv.addcmul_(v, -c.to(v.dtype).unsqueeze(-1))
+        dsr = (ds * r).to(v.dtype).view(-1, B, N)                           # (R, B, N)
+        dv = dv.view(B, N, d).baddbmm_(dsr.permute(1, 2, 0), src.q[:, a:b].to(v.dtype))   # + r sum_l ds_l q_l
+        src.dq[:, a:b] += dsr.transpose(0, 1) @ v.view(B, N, d)             # dq_l = sum_tokens ds_l r v
         if i > 0:
             return dv, None, None, None
         dq, src.dq, src.done = src.dq, None, True                           # v_0 is the last source to finish
