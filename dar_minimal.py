@@ -360,7 +360,7 @@ class Push(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v_i, q, h_i, src):
         i, T = src.count, src.v.shape[1]
-        (k, (a, b), (n, r0, m)), l = src.plan[i], i + 1
+        k, (a, b), (n, r0, m) = src.plan[i]
         src.count += 1
         src.v[k] = v_i.reshape(T, -1)
         s, r = key_scores(src.v[k].view(src.shape), q[:, a:b])             # read back from the slot, as backward will
