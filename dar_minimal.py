@@ -248,16 +248,19 @@ class Sources:
 #
 # Summing Python lists costs about 3 memory passes per (reader, source) pair forward and 9 backward, and autograd
 # keeps every v_i twice (for the mixture and for the key norm). Instead:
-#   - every source is copied once, when produced, into its slot of one buffer (L+1, tokens, d): the summaries
-#     c_0, c_1, .. first, then every other output in order, so that a reader's sources are two slot ranges and its
-#     mixture one or two products (slot by slot for few slots, else one bmm);
+#   - every source is copied once, when produced, into its slot of one buffer: the summaries c_0, c_1, .. first,
+#     then every other output in order, so that a reader's sources are two slot ranges and its mixture one or two
+#     products (slot by slot for few slots, else one bmm). The mixture h_{i+1} made right after v_i arrives is
+#     written next to it, in the same slot: the buffer is (L+1, 2, tokens, d);
 #   - the scores and softmax weights are small tables (reader, slot, tokens), tokens last: a reader's softmax runs
 #     over the first dimension, over all slots, those outside S_l holding -inf (weight 0); on the CPU a softmax over
 #     a last dimension of a few entries is many times slower;
-#   - the backward is turned around. Reader l only files dL/dh_l and h_l . dL/dh_l; then each source gathers what it
-#     needs from all its readers, a contiguous range of them, in one product each:
+#   - the backward is turned around. Reader l only files dL/dh_l; then each source gathers what it needs from all
+#     its readers, a contiguous range of them, in one product each:
 #         dL/ds_{i->l} = alpha_{i->l} (v_i . dL/dh_l - h_l . dL/dh_l)      (the softmax's backward)
 #         dL/dv_i      = sum_l alpha_{i->l} dL/dh_l   + the key scores' part (see Push.backward)
+#     The first reader of v_i is l = i+1, so the product of slot (v_i, h_{i+1}) with its readers' dL/dh_l gives
+#     h_{i+1} . dL/dh_{i+1} too, just before the first source that needs it.
 #     One autograd node per source, Push: "v_i in, h_{i+1} out". Each Push also takes the previous one's output, so
 #     autograd runs its backward after those of all later Pushes: after all the readers of v_i.
 # Autograd keeps no source. The tests compare outputs and gradients with the plain definition. Under torch.compile
@@ -273,22 +276,28 @@ def use_bmm(x, few=SUM_SLOTS):
     return x.shape[0] > few.get(x.device.type, 4)
 
 
-def weighted_sum(w, x, h=None):
-    """h + sum_i w[i] x[i] for weights w (n, T) and slots x (n, T, d); h (T, d) or None."""
+def weighted_sum(w, x, out, add=False):
+    """sum_i w[i] x[i] into out (T, d), or added to it, for weights w (n, T) and slots x (n, T, d); returns out."""
     w = w.to(x.dtype)
-    if use_bmm(x):
-        s = torch.bmm(w.mT.unsqueeze(1).contiguous(), x.transpose(0, 1)).squeeze(1)
-        return s if h is None else h.add_(s)
+    if use_bmm(x):                                   # (T, 1, n) @ (T, n, d); beta 0: what out held is ignored
+        out.unsqueeze(1).baddbmm_(w.mT.unsqueeze(1).contiguous(), x.transpose(0, 1), beta=float(add))
+        return out
     for x_i, w_i in zip(x, w.unsqueeze(-1)):                         # w_i: (T, 1)
-        h = x_i * w_i if h is None else h.addcmul_(x_i, w_i)
-    return h
+        if add:
+            out.addcmul_(x_i, w_i)
+        else:
+            torch.mul(x_i, w_i, out=out)
+            add = True
+    return out
 
 
-def slot_dots(x, y):
-    """x[i] . y for slots x (n, T, d) and y (T, d): (n, T) in >= fp32."""
-    if use_bmm(x, DOT_SLOTS):
-        return fp32(torch.bmm(y.unsqueeze(1), x.permute(1, 2, 0)).squeeze(1)).mT   # a row times a matrix: fast bmm
-    return (x * y).sum(-1, dtype=torch.promote_types(x.dtype, torch.float32))
+def source_dots(dh, vh):
+    """v . dh[l] for slots dh (n, T, d), and h . dh[0], for vh = (v, h) (2, T, d): (n, T) and (T,) in >= fp32."""
+    if use_bmm(dh, DOT_SLOTS):
+        dots = fp32(torch.bmm(vh.transpose(0, 1), dh.permute(1, 2, 0)))    # (T, 2, n): two rows times a matrix
+        return dots[:, 0].mT, dots[:, 1, 0]
+    f32 = torch.promote_types(dh.dtype, torch.float32)
+    return (dh * vh[0]).sum(-1, dtype=f32), (dh[0] * vh[1]).sum(-1, dtype=f32)
 
 
 KEPT = weakref.WeakKeyDictionary()  # per router, (CPU) slot buffers kept for its next forward: SlotSources.buffer
@@ -301,7 +310,10 @@ class SlotSources:
         (B, N, d), L, S = shape, router.num_sublayers, router.chunk
         self.router, self.q, self.shape, self.L, self.S, self.N = router, q, shape, L, S, -(-L // S)
         f32 = dict(dtype=torch.promote_types(dtype, torch.float32), device=q.device)
-        self.v = self.buffer("v", (L + 1, B * N, d), dtype)                # v[k]: the source in slot k
+        self.vh = self.buffer("vh", (L + 1, 2, B * N, d), dtype)          # vh[k] = (v_i, h_{i+1}) in slot k of v_i
+        self.v = self.vh[:, 0]                                             # v[k]: the source in slot k
+        self.h_out = self.vh.data[:, 1]      # what Push returns: the h in vh, through an alias with its own version
+        # counter (.data), so that autograd does not take later writes into vh for in-place changes of a returned h
         self.s = torch.full((L + 1, L + 1, B * N), -math.inf, **f32)       # s[l-1, k]: score of slot k for reader l
         self.r = torch.empty(L + 1, B * N, **f32)                          # r[k]: 1 / RMS of slot k
         grad = torch.is_grad_enabled()                                     # alpha only for the backward:
@@ -368,19 +380,17 @@ class Push(torch.autograd.Function):
         alpha = src.s[i].softmax(dim=0)                                     # reader l = i+1, (L+1, T): 0 off S_l (-inf)
         if src.alpha is not None:
             src.alpha[i] = alpha
-        h = weighted_sum(alpha[:n], src.v[:n])                              # summaries c_0 .. c_{n-1}
+        h = weighted_sum(alpha[:n], src.v[:n], src.vh[k, 1])                # summaries c_0 .. c_{n-1}, next to v_i
         if m:
-            h = weighted_sum(alpha[r0:r0 + m], src.v[r0:r0 + m], h)         # then the outputs of chunk n so far
-        h = h.view(src.shape)
+            weighted_sum(alpha[r0:r0 + m], src.v[r0:r0 + m], h, add=True)   # then the outputs of chunk n so far
         if src.router.record_alpha:
             src.router.alpha.append(torch.cat([alpha[:n], alpha[r0:r0 + m]]).mT.reshape(*src.shape[:2], -1))
-        ctx.save_for_backward(h)
         ctx.src, ctx.i = src, i
-        return h
+        return src.h_out[k].view(src.shape)
 
     @staticmethod
     def backward(ctx, dh):
-        (h,), src, i = ctx.saved_tensors, ctx.src, ctx.i
+        src, i = ctx.src, ctx.i
         (k, (a, b), _), (B, N, d) = src.plan[i], src.shape
         if src.dq is None:                                                  # the first backward Push (i = L)
             if src.done and src.taken():
@@ -388,12 +398,12 @@ class Push(torch.autograd.Function):
             src.dh = src.buffer("dh", src.v.shape, src.v.dtype) if src.dh is None else src.dh
             src.dq = torch.zeros_like(src.q)
         src.dh[i] = dh.reshape(B * N, d)                                    # reader l = i+1 (the first of v_i's)
-        src.hdh[i] = (h * dh).sum(-1, dtype=src.hdh.dtype).view(-1)         # = sum_{j in S_l} alpha_{j->l} v_j . dh_l
         v, s, r = src.v[k], src.s[a:b, k], src.r[k]                         # (T, d), (R, T), (T,)
         dh = src.dh[a:b]                                                    # dL/dh_l of its readers, (R, T, d)
         alpha = src.alpha[a:b, k]                                           # alpha_{i->l}, (R, T)
-        ds = alpha * (slot_dots(dh, v) - src.hdh[a:b])                      # dL/ds_{i->l}
-        dv = weighted_sum(alpha, dh)                                        # sum_l alpha_{i->l} dL/dh_l
+        vdh, src.hdh[i] = source_dots(dh, src.vh[k])                        # v_i . dh_l, and h_l . dh_l for l = i+1
+        ds = alpha * (vdh - src.hdh[a:b])                                   # dL/ds_{i->l}
+        dv = weighted_sum(alpha, dh, torch.empty_like(v))                   # sum_l alpha_{i->l} dL/dh_l
         # s_l = (v . q_l) r with r = (|v|^2 / d + eps)^(-1/2):  ds_l/dv = r q_l - s_l r^2 v / d
         c = (ds * s).sum(0) * r.square() / d
         dv.addcmul_(v, -c.to(v.dtype).unsqueeze(-1))

@@ -187,9 +187,9 @@ def test_slot_buffers_are_kept_from_step_to_step_and_a_graph_is_freed_with_its_l
             loss = model(x, t, y).square().mean()                    # the previous step's loss is still alive here
             loss.backward()
             seen.append({name: b.data_ptr() for name, (b, _) in dar_minimal.KEPT[model.router].items()})
-        assert seen[0] == seen[1] == seen[2] and set(seen[0]) == {"v", "dh"}
+        assert seen[0] == seen[1] == seen[2] and set(seen[0]) == {"vh", "dh"}
         torch.save(model, io.BytesIO())                              # the kept buffers live outside the model
-        src = dar_minimal.KEPT[model.router]["v"][1]
+        src = dar_minimal.KEPT[model.router]["vh"][1]
         assert src() is not None
         del loss
         assert src() is None                                         # freed by reference counting alone
