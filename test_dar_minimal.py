@@ -208,6 +208,18 @@ def test_backward_twice_works_until_a_later_forward_takes_the_buffers():
         torch.autograd.grad(out.sum(), model.router.w)
 
 
+def test_a_returned_mixture_cannot_be_changed_in_place():
+    """h_{i+1} is a view of the slot buffer, which the backward reads: autograd refuses to let it be changed in place."""
+    L, d = 3, 8
+    router = dar_minimal.DepthRouter(d, L, "static", 2).double()
+    v = [torch.randn(2, 3, d, dtype=torch.float64, requires_grad=True) for _ in range(L + 1)]
+    q = router.static_queries(torch.zeros(2, d, dtype=torch.float64))
+    src = dar_minimal.SlotSources(router, v[0].shape, q, torch.float64)
+    h = [src.push(v_i) for v_i in v]
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        h[1].mul_(2)
+
+
 def test_slot_path_under_bf16_autocast_follows_the_plain_one(monkeypatch):
     """bf16 autocast (as on a GPU) on the CPU: the slot path's forward and gradients stay within bf16 rounding of
     the plain definition's under the same autocast."""
