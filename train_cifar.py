@@ -505,7 +505,9 @@ def cpu_peak_memory(args, overrides, queue):
 
 def peak_memory(args, overrides, compiled):
     """Peak memory of one arm: CUDA max allocated, or a child process's peak RSS growth on the CPU (spawned, not
-    forked: a fork after torch has started its threads can hang)."""
+    forked: a fork after torch has started its threads can hang). The child maps every block of 64 KiB or more on
+    its own and unmaps it when freed (glibc's MALLOC_MMAP_THRESHOLD_), so that its peak RSS follows the live tensors
+    rather than what glibc happens to keep for reuse."""
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -520,7 +522,15 @@ def peak_memory(args, overrides, compiled):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=cpu_peak_memory, args=(args, overrides, queue))
-    child.start()
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"                        # read by the child's glibc at its start
+    try:
+        child.start()
+    finally:
+        if threshold is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = threshold
     peak = queue.get()
     child.join()
     return peak
