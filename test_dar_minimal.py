@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dar_minimal
-from dar_minimal import DiT, Sources, chunk_sources, flow_matching_loss, guided, residual_to_dar, sample
+from dar_minimal import DiT, chunk_sources, flow_matching_loss, guided, residual_to_dar, sample
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=3, num_heads=4)
 QUERIES = ["static", "static_t", "dynamic"]
@@ -62,7 +62,7 @@ def test_initial_routing_weights_are_uniform(query):
             block.adaLN_modulation[-1].bias.normal_()
     model.router.record_alpha = True
     model(*inputs())
-    for alpha in model.routing_weights():
+    for alpha in model.router.alpha:
         assert torch.allclose(alpha, torch.full_like(alpha, 1 / alpha.shape[-1]))
 
 
@@ -85,7 +85,7 @@ def test_routing_weights_are_a_distribution_over_the_chunk_sources(query, chunk)
     model = randomize(DiT(**TINY, dar_query=query, dar_chunk=chunk))
     model.router.record_alpha = True
     model(*inputs())
-    alphas = model.routing_weights()
+    alphas = model.router.alpha
     assert len(alphas) == 7
     for l, alpha in enumerate(alphas, start=1):
         assert alpha.shape == (4, 16, len(chunk_sources(l, 6, chunk)))
@@ -107,7 +107,7 @@ def test_zero_query_dense_dar_equals_residual(query):
 
 
 def plain_dar_forward(model, x, t, y):
-    """DAR as the method page writes it, with nothing folded or buffered: the oracle for dar_minimal's fast path."""
+    """DAR as the method page writes it, nothing folded or computed once per source: the oracle for dar_minimal."""
     router, d = model.router, model.pos_embed.shape[-1]
     t_emb = model.t_embedder(t)
     c = t_emb + model.y_embedder(y)
@@ -131,7 +131,7 @@ def plain_dar_forward(model, x, t, y):
 
 
 @pytest.mark.parametrize("query,chunk", [(q, S) for q in QUERIES for S in (1, 2, 4, 5, 9)])
-def test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chunk):
+def test_aggregation_equals_the_plain_definition_with_gradients(query, chunk):
     model = randomize(DiT(**TINY, dar_query=query, dar_chunk=chunk)).double()
     x, t, y = inputs(dtype=torch.float64)
     out = model(x, t, y)
@@ -144,126 +144,37 @@ def test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chun
         assert (g - r).norm() <= 1e-8 * (r.norm() + 1e-12), name
 
 
-@pytest.mark.parametrize("bmm", [True, False])
-@pytest.mark.parametrize("query,chunk", [("static_t", 4), ("static_t", 2), ("static", 1)])
-def test_both_product_forms_equal_the_plain_definition(query, chunk, bmm, monkeypatch):
-    """Every slot product as one bmm, or every one slot by slot (the default switches by slot count)."""
-    monkeypatch.setattr(dar_minimal, "use_bmm", lambda x, few=None: bmm)
-    test_fast_aggregation_equals_the_plain_definition_with_gradients(query, chunk)
-
-
-@pytest.mark.parametrize("chunk", [1, 2, 3])
-def test_push_gradients_by_finite_differences(chunk):
-    """The slot path's hand-written backward (sources fed in directly, not through sublayers) vs finite differences
-    and vs autograd on the plain list."""
+@pytest.mark.parametrize("query,chunk", [("static_t", 2), ("dynamic", 3)])
+def test_router_gradients_by_finite_differences(query, chunk):
+    """The router alone, sources fed in directly: autograd through keys() and forward() against finite differences."""
     g = torch.Generator().manual_seed(0)
     L, d = 5, 8
-    router = randomize(dar_minimal.DepthRouter(d, L, "static_t", chunk)).double()
+    router = randomize(dar_minimal.DepthRouter(d, L, query, chunk)).double()
     v = [torch.randn(2, 3, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(L + 1)]
-    q = router.static_queries(torch.randn(2, d, generator=g, dtype=torch.float64)).detach().requires_grad_()
+    t_emb = torch.randn(2, d, generator=g, dtype=torch.float64, requires_grad=True)
 
-    def run(slots, q, *v):
-        src = dar_minimal.SlotSources(router, v[0].shape, q, torch.float64) if slots else Sources(router, q)
-        return torch.stack([src.push(v_i) for v_i in v])                  # h_1 .. h_{L+1}
-    assert torch.autograd.gradcheck(lambda q, *v: run(True, q, *v), (q, *v))
-    w = torch.randn(L + 1, 2, 3, d, generator=g, dtype=torch.float64)
-    fast = torch.autograd.grad((run(True, q, *v) * w).sum(), (q, *v))
-    plain = torch.autograd.grad((run(False, q, *v) * w).sum(), (q, *v))
-    for a, b in zip(fast, plain):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    def run(t_emb, *v):
+        q = router.queries(t_emb)
+        keys = [router.keys(v_i, q) for v_i in v]
+        return torch.stack([router(l, v, keys) for l in range(1, L + 2)])   # h_1 .. h_{L+1}
+    assert torch.autograd.gradcheck(run, (t_emb, *v))
 
 
-def test_slot_buffers_are_kept_from_step_to_step_and_a_graph_is_freed_with_its_loss():
-    """On the CPU the slot buffers of a finished step serve the next one (even while its loss is still referenced),
-    and nothing but the graph keeps a forward's SlotSources alive (no reference cycle for the collector)."""
-    import gc
-    import io
-    model = randomize(DiT(**TINY, dar_chunk=2))
-    x, t, y = inputs()
-    seen = []
-    gc.disable()
-    try:
-        for _ in range(3):
-            loss = model(x, t, y).square().mean()                    # the previous step's loss is still alive here
-            loss.backward()
-            seen.append({name: b.data_ptr() for name, (b, _) in dar_minimal.KEPT[model.router].items()})
-        assert seen[0] == seen[1] == seen[2] and set(seen[0]) == {"vh", "dh"}
-        torch.save(model, io.BytesIO())                              # the kept buffers live outside the model
-        src = dar_minimal.KEPT[model.router]["vh"][1]
-        assert src() is not None
-        del loss
-        assert src() is None                                         # freed by reference counting alone
-    finally:
-        gc.enable()
-
-
-def test_backward_twice_works_until_a_later_forward_takes_the_buffers():
-    model = randomize(DiT(**TINY, dar_chunk=2)).double()
-    x, t, y = inputs(dtype=torch.float64)
-    out = model(x, t, y)
-    first = torch.autograd.grad(out.sum(), model.router.w, retain_graph=True)[0]
-    assert torch.equal(torch.autograd.grad(out.sum(), model.router.w, retain_graph=True)[0], first)
-    model(x, t, y).sum().backward()                                  # a later forward reuses the slot buffers
-    with pytest.raises(RuntimeError, match="later forward"):
-        torch.autograd.grad(out.sum(), model.router.w)
-
-
-def test_a_returned_mixture_cannot_be_changed_in_place():
-    """h_{i+1} is a view of the slot buffer, which the backward reads: autograd refuses to let it be changed in place."""
-    L, d = 3, 8
-    router = dar_minimal.DepthRouter(d, L, "static", 2).double()
-    v = [torch.randn(2, 3, d, dtype=torch.float64, requires_grad=True) for _ in range(L + 1)]
-    q = router.static_queries(torch.zeros(2, d, dtype=torch.float64))
-    src = dar_minimal.SlotSources(router, v[0].shape, q, torch.float64)
-    h = [src.push(v_i) for v_i in v]
-    with pytest.raises(RuntimeError, match="modified inplace"):
-        h[1].mul_(2)
-
-
-def test_slot_path_under_bf16_autocast_follows_the_plain_one(monkeypatch):
-    """bf16 autocast (as on a GPU) on the CPU: the slot path's forward and gradients stay within bf16 rounding of
-    the plain definition's under the same autocast."""
+def test_bf16_autocast_stays_within_bf16_rounding_of_fp32():
+    """bf16 autocast (as on a GPU) on the CPU: scores and softmax run in fp32; forward and gradients stay close."""
     model = randomize(DiT(**TINY, dar_chunk=2), std=0.2)
     x, t, y = inputs()
 
-    def run():
+    def run(bf16):
         model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(x, t, y)
         out.float().square().mean().backward()
         return out.float(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    fast, fast_grads = run()
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)     # the plain list path
-    plain, plain_grads = run()
-    assert (fast - plain).norm() / plain.norm() < 0.05
-    for a, b in zip(fast_grads, plain_grads):
+    (low, low_grads), (ref, ref_grads) = run(True), run(False)
+    assert (low - ref).norm() / ref.norm() < 0.05
+    for a, b in zip(low_grads, ref_grads):
         assert (a - b).norm() <= 0.1 * b.norm() + 1e-6
-
-
-@pytest.mark.parametrize("query", ["static", "static_t"])
-def test_eager_dar_saves_no_source_for_backward(query, monkeypatch):
-    """The sources live in the slot buffer only: autograd keeps none of the v_i (dynamic queries still do)."""
-    model = randomize(DiT(**TINY, dar_query=query, dar_chunk=2))
-    sources, push = [], dar_minimal.SlotSources.push
-    monkeypatch.setattr(dar_minimal.SlotSources, "push", lambda src, v_i: (sources.append(v_i), push(src, v_i))[1])
-    saved = set()
-
-    def pack(tensor):
-        saved.add(tensor.untyped_storage().data_ptr())
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(*inputs())
-    assert len(sources) == 2 * TINY["depth"] + 1
-    assert not saved & {v_i.untyped_storage().data_ptr() for v_i in sources}
-
-
-def test_compiled_path_plain_sum_equals_slot_buffers(monkeypatch):
-    """Under torch.compile the router returns the plain sum; check that path (in eager, by pretending)."""
-    model = randomize(DiT(**TINY, dar_query="static_t", dar_chunk=4)).double()
-    x, t, y = inputs(dtype=torch.float64)
-    fast = model(x, t, y)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert torch.allclose(model(x, t, y), fast, rtol=1e-10, atol=1e-10)
 
 
 def test_chunked_dar_differs_from_residual():
@@ -320,17 +231,17 @@ def alphas_of(model, x, t, y):
     model.router.record_alpha = True
     with torch.no_grad():
         model(x, t, y)
-    return model.routing_weights()
+    return model.router.alpha
 
 
 def router_alpha(model, v, t):
     """The weights every reader of `model` gives fixed sources v at time t (keys fixed, only q(t) may move)."""
     router = model.router
-    q = router.static_queries(model.t_embedder(t))
-    src = Sources(router, q)
+    q = router.queries(model.t_embedder(t))
+    keys = [router.keys(v_i, q) for v_i in v]
     router.record_alpha, router.alpha = True, []
-    for v_i in v:
-        src.push(v_i)                                                 # v_i in, h_{i+1} read
+    for l in range(1, len(v) + 1):
+        router(l, v, keys)                                            # h_l from v_0 .. v_{l-1}
     return router.alpha
 
 
@@ -349,8 +260,8 @@ def test_static_t_starts_as_static():
     model = DiT(**TINY, dar_query="static_t")
     with torch.no_grad():
         model.router.w.normal_()
-    q0 = model.router.static_queries(model.t_embedder(torch.zeros(2)))
-    q1 = model.router.static_queries(model.t_embedder(torch.ones(2)))
+    q0 = model.router.queries(model.t_embedder(torch.zeros(2)))
+    q1 = model.router.queries(model.t_embedder(torch.ones(2)))
     assert torch.equal(q0, q1)                                        # e(t) = 0 at init
 
 
@@ -379,11 +290,11 @@ def test_routing_weights_read_out_are_those_of_the_forward(monkeypatch):
     """Rebuild the final aggregator's input from the read-out weights and check the model's output."""
     model = randomize(DiT(**TINY, dar_query="static_t", dar_chunk=2)).double()
     x, t, y = inputs(dtype=torch.float64)
-    sources, push = [], dar_minimal.SlotSources.push
-    monkeypatch.setattr(dar_minimal.SlotSources, "push", lambda src, v_i: (sources.append(v_i), push(src, v_i))[1])
+    sources, keys = [], model.router.keys
+    monkeypatch.setattr(model.router, "keys", lambda v_i, q: (sources.append(v_i), keys(v_i, q))[1])
     model.router.record_alpha = True
     out = model(x, t, y)
-    alpha = model.routing_weights()[-1]
+    alpha = model.router.alpha[-1]
     h = sum(alpha[..., j:j + 1] * sources[i] for j, i in enumerate(model.router.sources[-1]))
     c = model.t_embedder(t) + model.y_embedder(y)
     assert torch.allclose(model.unpatchify(model.final_layer(h, c))[:, :3], out, atol=1e-10)
@@ -484,6 +395,12 @@ def test_bad_input_is_refused_with_a_clear_message():
         sample(model, x, torch.tensor([0, 1, 2, 12]), steps=1)
     with pytest.raises(ValueError, match="method"):
         sample(model, x, y, steps=1, method="rk4")
+    with pytest.raises(ValueError, match="steps a positive integer"):
+        sample(model, x, y, steps=0)                                  # would return the noise unchanged
+    with pytest.raises(ValueError, match="depth >= 1"):
+        DiT(**dict(TINY, depth=0))
+    with pytest.raises(ValueError, match="converts a residual DiT"):
+        residual_to_dar(model)                                        # a DAR model: its trained router would go
     flow_matching_loss(model, x, torch.tensor([0, 1, 2, 10]))         # the null class itself is a valid label
 
 
@@ -529,24 +446,36 @@ def test_compare_end_to_end(tmp_path):
     assert 0 < seconds[0] < seconds[1] <= c["arms"]["dar"]["train_seconds"]
 
 
-BENCH = ["--bench-repeats", "2", "--image-size", "8", "--patch-size", "4", "--depth", "2", "--hidden-size", "16",
-         "--num-heads", "2", "--batch-size", "2", "--device", "cpu"]
+BENCH = ["--depths", "1", "2", "--modes", "eager", "--dar", "static_t:2", "dynamic:1", "--repeats", "2",
+         "--image-size", "8", "--patch-size", "4", "--hidden-size", "16", "--num-heads", "2", "--batch-size", "2",
+         "--device", "cpu"]
+
+
+def bench_module():
+    """results/bench.py, the benchmark script, imported as the module `bench`."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    import bench
+    return bench
 
 
 def test_bench_writes_every_arm_with_both_ratios(tmp_path, monkeypatch):
-    out = str(tmp_path / "bench")
-    monkeypatch.setattr(train_cifar, "peak_memory", lambda args, overrides, compiled: 2 ** 20)   # one child each: slow
-    train_cifar.main(["--bench", "--out", out] + BENCH)
-    with open(os.path.join(out, "bench.json")) as f:
-        rows = {r["arm"]: r for r in json.load(f)["rows"]}
-    assert len(rows) == 16 and rows["residual"]["time_ratio"] == rows["residual"]["paired_ratio"] == 1.0
+    bench = bench_module()
+    monkeypatch.setattr(bench, "peak_memory", lambda args, overrides, compiled: 2 ** 20)   # one child each: slow
+    result = bench.main(BENCH + ["--out", str(tmp_path)])
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert len(rows) == 6 and rows["d2 residual eager"]["time_ratio"] == rows["d2 residual eager"]["paired_ratio"] == 1
+    assert rows["d2 dar dynamic c1 eager"]["reference"] == "d2 residual eager"
     assert all(r["paired_ratio"] > 0 and r["memory_ratio"] == 1.0 for r in rows.values())
-    assert "x residual, paired" in open(os.path.join(out, "bench.md")).read()
+    assert "x residual, paired" in open(os.path.join(tmp_path, "bench.md")).read()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dar", "static_t"])                                 # query:chunk expected
 
 
 def test_bench_cpu_peak_memory_of_one_arm_in_a_child_process():
-    args = train_cifar.parse_args(["--bench"] + BENCH)
-    assert train_cifar.peak_memory(args, dict(routing="dar", dar_chunk=2), False) > 0
+    bench = bench_module()
+    args = bench.parse_args(BENCH)
+    assert bench.peak_memory(args, dict(depth=1, routing="dar", dar_chunk=2), False) > 0
 
 
 def test_both_arms_start_from_the_same_weights():
@@ -711,12 +640,6 @@ def test_flow_statistics_at_init_are_known_by_hand(routing):
     assert s["forward_rms"] == pytest.approx([rms0 / k for k in sizes], rel=1e-5)
     assert s["cosine"] == pytest.approx([1.0, 1.0], abs=1e-5)
     assert s["gradient_rms"] == [0.0, 0.0, 0.0]
-
-
-def test_rms_of_a_hand_made_state():
-    from dar_minimal import rms
-    z = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[-2.0, 2.0], [1.0, 1.0]]])       # per-token RMS: 3.54, 0, 2, 1
-    assert rms(z) == pytest.approx((12.5 ** 0.5 + 0 + 2 + 1) / 4)
 
 
 def test_gated_residual_forward_is_exact_and_gate_gradients_are_dot_products():

@@ -54,7 +54,7 @@ def parse_args(argv=None):
     a("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     a("--t-sampling", default="uniform", choices=["uniform", "logit_normal"])
     a("--precision", default="fp32", choices=["fp32", "bf16"])
-    a("--compile", action="store_true", help="torch.compile the model (with --bench: time eager vs compiled arms)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on CUDA only)")
     a("--seed", type=int, default=0)
     a("--device", default="auto")
     a("--out", default="runs/default")
@@ -74,8 +74,6 @@ def parse_args(argv=None):
     a("--diagnose", nargs="+", metavar="CKPT", help="diagnostics of one or two checkpoints (see diagnose())")
     a("--diagnose-t", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25],
       help="--diagnose: t of the flow statistics (the figure shows the first)")
-    a("--bench", action="store_true", help="time training steps of residual vs DAR variants (see bench())")
-    a("--bench-repeats", type=int, default=5, help="--bench: timed steps per arm (after warm-up)")
     args = p.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
@@ -86,6 +84,8 @@ def parse_args(argv=None):
         raise ValueError(f"--routing must be residual, dar or residual,dar; got {args.routing!r}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.compile is None:
+        args.compile = args.device.startswith("cuda")                 # the speed path; eager on the CPU
     return args
 
 
@@ -449,164 +449,6 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Benchmark: step time and peak memory of DAR against the residual baseline
-# ----------------------------------------------------------------------------------------------------
-
-def bench_arms(args):
-    """(label, DiT overrides, compiled) of the benchmarked arms: with --compile, residual and DAR (--dar-query,
-    --dar-chunk), eager and compiled (compilation takes minutes); else every variant, then a depth sweep."""
-    if args.compile:
-        dar = (f"dar {args.dar_query} c{args.dar_chunk}", dict(dar_query=args.dar_query, dar_chunk=args.dar_chunk))
-        return [(label + mode, overrides, mode == " compiled") for mode in ("", " compiled")
-                for label, overrides in (("residual", dict(routing="residual")), dar)]
-    arms = [("residual", dict(routing="residual"), False)]
-    arms += [(f"dar {q} c4", dict(dar_query=q, dar_chunk=4), False) for q in ("static", "static_t", "dynamic")]
-    arms += [(f"dar static_t c{S}", dict(dar_query="static_t", dar_chunk=S), False) for S in (1, 2, 8)]
-    for depth in (6, 12, 28):
-        arms += [(f"depth {depth} residual", dict(depth=depth, routing="residual"), False)]
-        arms += [(f"depth {depth} dar static_t c{S}", dict(depth=depth, dar_query="static_t", dar_chunk=S), False)
-                 for S in (1, 4)]
-    return arms
-
-
-def bench_setup(args, overrides, compiled):
-    """A model, its optimiser and a one-step closure for one benchmark arm (random data, fixed shapes)."""
-    torch.manual_seed(0)
-    config = dict(input_size=args.image_size, patch_size=args.patch_size, hidden_size=args.hidden_size,
-                  depth=args.depth, num_heads=args.num_heads, routing="dar")
-    model = DiT(**dict(config, **overrides)).to(args.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fn = torch.compile(model) if compiled else model
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
-    y = torch.randint(0, 10, (args.batch_size,), device=args.device)
-    g = torch.Generator(args.device).manual_seed(0)
-
-    def step():
-        with autocast(args):
-            loss = flow_matching_loss(fn, x, y, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model, step
-
-
-def cpu_peak_memory(args, overrides, queue):
-    """Child process: growth of the peak resident memory (VmHWM, reset first) over building one arm and two steps."""
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                                      # reset the high-water mark to now
-    base = status("VmRSS:")
-    _, step = bench_setup(args, overrides, False)
-    step(), step()
-    queue.put(status("VmHWM:") - base)
-
-
-def peak_memory(args, overrides, compiled):
-    """Peak memory of one arm: CUDA max allocated, or a child process's peak RSS growth on the CPU (spawned, not
-    forked: a fork after torch has started its threads can hang). The child maps every block of 64 KiB or more on
-    its own and unmaps it when freed (glibc's MALLOC_MMAP_THRESHOLD_), so that its peak RSS follows the live tensors
-    rather than what glibc happens to keep for reuse."""
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        model, step = bench_setup(args, overrides, compiled)
-        step(), step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-        del model, step
-        return peak
-    import multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    child = ctx.Process(target=cpu_peak_memory, args=(args, overrides, queue))
-    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"                        # read by the child's glibc at its start
-    try:
-        child.start()
-    finally:
-        if threshold is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = threshold
-    peak = queue.get()
-    child.join()
-    return peak
-
-
-def matmul_flops(args, depth):
-    """Matmul FLOPs of one training step (forward + backward = 3x forward) of the residual DiT."""
-    d, N = args.hidden_size, (args.image_size // args.patch_size) ** 2
-    return 3 * 2 * args.batch_size * N * depth * (12 * d * d + 2 * N * d)
-
-
-def bench(args):
-    """Step time (median, min, max over alternated repeats) and peak memory of every arm; JSON and a markdown table."""
-    import statistics
-    arms = bench_arms(args)
-    print(f"bench on {machine()}: batch {args.batch_size}, {args.image_size}px, patch {args.patch_size}, "
-          f"width {args.hidden_size}, depth {args.depth}, {args.precision}")
-    memory = {label: None if c else peak_memory(args, o, c) for label, o, c in arms}   # compiled: time only
-    runs = {label: bench_setup(args, o, c)[1] for label, o, c in arms}
-    times = {label: [] for label, _, _ in arms}
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    for rep in range(args.bench_repeats + 2):                          # two warm-up rounds (and compilation)
-        for label, step in list(runs.items()):                           # arms alternated within each round
-            sync()
-            t0 = time.perf_counter()
-            try:
-                step()
-            except Exception as e:                                       # e.g. torch.compile unavailable here
-                print(f"{label}: dropped ({type(e).__name__}: {str(e)[:200]})")
-                runs.pop(label)
-                continue
-            sync()
-            if rep >= 2:
-                times[label].append(time.perf_counter() - t0)
-    arms = [a for a in arms if a[0] in runs]
-    rows = []
-    for label, o, c in arms:
-        ref = "depth {} residual".format(o["depth"]) if "depth" in o else ("residual compiled" if c else "residual")
-        med = statistics.median(times[label])
-        row = dict(arm=label, median_ms=1e3 * med, min_ms=1e3 * min(times[label]), max_ms=1e3 * max(times[label]),
-                   peak_memory_mb=memory[label] / 2 ** 20 if memory[label] is not None else None, reference=ref)
-        rows.append(row)
-    by = {r["arm"]: r for r in rows}
-    for r in rows:
-        r["time_ratio"] = r["median_ms"] / by[r["reference"]]["median_ms"]
-        mine, ref = times[r["arm"]], times[r["reference"]]                  # same rounds: each step against the
-        r["paired_ratio"] = statistics.median(a / b for a, b in zip(mine, ref))   # reference step of its round
-        ref_mb = by[r["reference"]]["peak_memory_mb"]
-        r["memory_ratio"] = r["peak_memory_mb"] / ref_mb if r["peak_memory_mb"] and ref_mb else None
-    result = dict(machine=machine(), torch=torch.__version__, command=" ".join(["python"] + sys.argv),
-                  config=dict(batch_size=args.batch_size, image_size=args.image_size, patch_size=args.patch_size,
-                              hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
-                              precision=args.precision, repeats=args.bench_repeats), rows=rows)
-    if args.device.startswith("cuda"):
-        peak = 989e12                                                     # H100/H200 SXM dense bf16, datasheet
-        for r in rows:
-            if r["arm"] in ("residual", "residual compiled"):
-                r["mfu"] = matmul_flops(args, args.depth) / (r["median_ms"] / 1e3) / peak
-        result["mfu_peak_flops"] = peak
-    lines = ["| arm | step ms (median) | min-max | x residual | x residual, paired | peak MB | x residual |",
-             "|---|---|---|---|---|---|---|"]
-    fmt = lambda v, f: "-" if v is None else format(v, f)
-    lines += [f"| {r['arm']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {r['time_ratio']:.3f} | "
-              f"{r['paired_ratio']:.3f} | {fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['memory_ratio'], '.3f')} |"
-              + (f" MFU {r['mfu']:.1%}" if "mfu" in r else "") for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(f"{result['machine']}, torch {result['torch']}\n\n`{result['command']}`\n\n{table}\n")
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------
 # Diagnostics of trained checkpoints (--diagnose CKPT [CKPT2])
 # ----------------------------------------------------------------------------------------------------
 
@@ -802,11 +644,9 @@ def sample_only(args):
 
 
 def main(argv=None):
-    """Parses options and runs: --bench, --sample-only, or training of each arm (and the comparison)."""
+    """Parses options and runs: --sample-only, --diagnose, or training of each arm (and the comparison)."""
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.bench:
-        return bench(args)
     if args.sample_only:
         return sample_only(args)
     if args.diagnose:
