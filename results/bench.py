@@ -122,9 +122,10 @@ def peak_memory(args, overrides, compiled):
     child = ctx.Process(target=cpu_peak_child, args=(args, overrides, compiled, queue))
     child.start()
     del os.environ["MALLOC_MMAP_THRESHOLD_"]
-    peak = queue.get()
     child.join()
-    return peak
+    if child.exitcode != 0:
+        raise RuntimeError(f"the memory child of {overrides} failed (exit code {child.exitcode})")
+    return queue.get()
 
 
 def machine():
@@ -139,9 +140,13 @@ def main(argv=None):
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     todo = arms(args)
+    fmt = lambda v, f: "-" if v is None else format(v, f)
     print(f"bench on {machine()}: batch {args.batch_size}, {args.image_size} px, patch {args.patch_size}, "
           f"width {args.hidden_size}, {args.precision}, {len(todo)} arms, {args.repeats} timed rounds")
-    memory = {label: None if args.no_memory else peak_memory(args, o, c) for label, o, c in todo}
+    memory = {}
+    for label, o, c in todo:
+        memory[label] = None if args.no_memory else peak_memory(args, o, c)
+        print(f"{label}: peak memory {fmt(memory[label] and memory[label] / 2 ** 20, '.0f')} MB", flush=True)
     steps = {label: setup(args, o, c)[1] for label, o, c in todo}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     times = {label: [] for label in steps}
@@ -163,7 +168,6 @@ def main(argv=None):
                          max_ms=1e3 * max(times[label]), time_ratio=med / ref_med,
                          paired_ratio=statistics.median(a / b for a, b in zip(times[label], times[ref])),
                          peak_memory_mb=mb, memory_ratio=mb / ref_mb if mb and ref_mb else None, reference=ref))
-    fmt = lambda v, f: "-" if v is None else format(v, f)
     table = "\n".join(["| arm | step ms (median) | min-max | x residual | x residual, paired | peak MB | x residual |",
                        "|---|---|---|---|---|---|---|"] +
                       [f"| {r['arm']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | "

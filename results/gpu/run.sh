@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU evidence (issues 5 and 7) on a lent H100/H200, run from the repository root by the device tool
+# GPU evidence on a lent H100/H200, run from the repository root by the device tool
 # (carry .gpudata holding a copy of ../shared/data/cifar10-jpeg.tar.gz; the tool sets $OUT):
 #   bash results/gpu/run.sh all            both parts below, the training sized from the benchmark
-#   bash results/gpu/run.sh bench          the benchmark: DiT-S/2, 32x32, batch 256, bf16, eager and compiled,
-#                                          all DAR variants, and the depth sweep (6, 12, 28 blocks)
+#   bash results/gpu/run.sh bench          the benchmark (results/bench.py): DiT-S/2, 32x32, batch 256, bf16,
+#                                          residual and DAR static+t c4, eager and compiled
 #   STEP_MS=.. bash results/gpu/run.sh train
 #                                          train_cifar.py --routing residual,dar --preset S on the CIFAR-10 JPEG
 #                                          copy, the same number of steps per arm, sized from the residual step
@@ -13,15 +13,15 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 MODEL=${MODEL:-"--preset S"}; TRAIN_SECONDS=${TRAIN_SECONDS:-100}; VAL=${VAL:-2000}; REPEATS=${REPEATS:-10}
-BENCH_FLAGS=${BENCH_FLAGS:-}      # e.g. --compile for the compiled arms (compilation takes minutes)
+BENCH_FLAGS=${BENCH_FLAGS:-}      # e.g. --modes compiled (compilation takes minutes)
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   python -c "import torch; print('torch', torch.__version__)"; } > "$OUT/machine_$1.txt"
 cat "$OUT/machine_$1.txt"
 
 if [ "$1" = bench ] || [ "$1" = all ]; then
-    timeout ${BENCH_TIMEOUT:-150} python train_cifar.py --bench $MODEL --batch-size 256 --precision bf16 \
-        --bench-repeats $REPEATS $BENCH_FLAGS --out "$OUT" 2>&1 | tee "$OUT/bench.log"
-    STEP_MS=$(python -c "import json; print([r for r in json.load(open('$OUT/bench.json'))['rows'] if r['arm'] == 'residual'][0]['median_ms'])")
+    timeout ${BENCH_TIMEOUT:-300} python results/bench.py --depths 12 --hidden-size 384 --num-heads 6 --patch-size 2 \
+        --batch-size 256 --precision bf16 --repeats $REPEATS $BENCH_FLAGS --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+    STEP_MS=$(python -c "import json; print([r for r in json.load(open('$OUT/bench.json'))['rows'] if r['arm'].startswith('d12 residual')][-1]['median_ms'])")
 fi
 
 if [ "$1" = train ] || [ "$1" = all ]; then

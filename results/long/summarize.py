@@ -1,0 +1,105 @@
+"""
+summarize.py: does DAR's lead last? Reads the long runs' logs (results/long/<run>/<arm>/log.jsonl) and writes
+summary.json, summary.md and ratio.png next to them.
+
+For every evaluation step N of the residual arm: how many steps DAR needed to reach the residual arm's validation
+loss at N (linear interpolation between DAR's evaluations; '>' when DAR was already below it at its first
+evaluation, None when it never got there), the ratio N / those steps (above 1: DAR ahead), and the same in training
+time. Training times exclude evaluation, and the pauses recorded in pauses.jsonl (when the runs were stopped so that
+a benchmark could time a quiet machine).
+"""
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def evals(run, arm, pauses):
+    """The eval records of one arm, train_seconds without the recorded pauses before each."""
+    with open(os.path.join(HERE, run, arm, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    out = []
+    for r in records:
+        if r["kind"] == "eval":
+            paused = sum(p["seconds"] for p in pauses if p["run"] == run and p["last_logged_step"][arm] < r["step"])
+            out.append(dict(r, train_seconds=r["train_seconds"] - paused))
+    return out
+
+
+def reach(curve, target, key):
+    """First x (steps or seconds, by key) at which the curve's val loss reaches target, interpolated; (x, exact)."""
+    prev = None
+    for r in curve:
+        if r["val_loss"] <= target:
+            if prev is None:
+                return r[key], False                          # already below at the first evaluation: an upper bound
+            frac = (prev["val_loss"] - target) / (prev["val_loss"] - r["val_loss"])
+            return prev[key] + frac * (r[key] - prev[key]), True
+        prev = r
+    return None, True
+
+
+def summarize(run, pauses):
+    """Per evaluation of the residual arm: both losses, DAR's steps and seconds to the residual's loss, ratios."""
+    res, dar = evals(run, "residual", pauses), evals(run, "dar", pauses)
+    rows = []
+    for r in res:
+        steps, exact = reach(dar, r["val_loss"], "step")
+        secs, _ = reach(dar, r["val_loss"], "train_seconds")
+        d = next((x for x in dar if x["step"] == r["step"]), None)
+        rows.append(dict(step=r["step"], residual=r["val_loss"], dar=d and d["val_loss"], dar_steps=steps,
+                         exact=exact, step_ratio=r["step"] / steps if steps else None,
+                         time_ratio=r["train_seconds"] / secs if secs else None,
+                         per_t_gap=d and [a - b for a, b in zip(r["val_loss_per_t"], d["val_loss_per_t"])]))
+    with open(os.path.join(HERE, run, "dar", "config.json")) as f:
+        args = json.load(f)["args"]
+    return dict(run=run, depth=args["depth"], seed=args["seed"], rows=rows)
+
+
+def main():
+    """summary.json, summary.md and ratio.png of every run with both logs."""
+    path = os.path.join(HERE, "pauses.jsonl")
+    pauses = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    runs = sorted(d for d in os.listdir(HERE) if os.path.exists(os.path.join(HERE, d, "dar", "log.jsonl"))
+                  and os.path.exists(os.path.join(HERE, d, "residual", "log.jsonl")))
+    summary = [summarize(run, pauses) for run in runs]
+    with open(os.path.join(HERE, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    lines = []
+    for s in summary:
+        lines += [f"## {s['depth']} blocks, seed {s['seed']} ({s['run']})", "",
+                  "| residual step N | residual val loss | DAR val loss | DAR steps to residual@N | x fewer steps "
+                  "| x less training time | per-t gap, residual - DAR (t = 1/16 .. 15/16) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in s["rows"]:
+            bound = "" if r["exact"] else "<="
+            lines.append(f"| {r['step']} | {r['residual']:.4f} | {fmt(r['dar'], '.4f')} | {bound}{fmt(r['dar_steps'], '.0f')} "
+                         f"| {'' if r['exact'] else '>='}{fmt(r['step_ratio'], '.2f')} | {'' if r['exact'] else '>='}"
+                         f"{fmt(r['time_ratio'], '.2f')} | "
+                         + (" ".join(f"{g:+.4f}" for g in r["per_t_gap"]) if r["per_t_gap"] else "-") + " |")
+        lines.append("")
+    with open(os.path.join(HERE, "summary.md"), "w") as f:
+        f.write("Written by results/long/summarize.py from the logs in results/long/.\n\n" + "\n".join(lines))
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: ratio.png not written")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for s in summary:
+        pts = [(r["step"], r["step_ratio"]) for r in s["rows"] if r["step_ratio"] and r["exact"]]
+        ax.plot(*zip(*pts), marker="o", label=f"{s['depth']} blocks, seed {s['seed']}")
+    ax.axhline(1, color="gray", lw=0.8, ls="--")
+    ax.set(xlabel="training length: residual step N", ylabel="DAR: x fewer steps to the residual's loss at N",
+           title="Does DAR's lead last? (CIFAR-10 JPEG copy, width 128)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "ratio.png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()
