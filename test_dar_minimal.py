@@ -478,6 +478,12 @@ def test_bench_cpu_peak_memory_of_one_arm_in_a_child_process():
     assert bench.peak_memory(args, dict(depth=1, routing="dar", dar_chunk=2), False) > 0
 
 
+def test_compile_is_the_default_on_cuda_only_and_can_be_switched():
+    parse = train_cifar.parse_args
+    assert parse(["--device", "cuda"]).compile and not parse(["--device", "cuda", "--no-compile"]).compile
+    assert not parse(["--device", "cpu"]).compile and parse(["--device", "cpu", "--compile"]).compile
+
+
 def test_both_arms_start_from_the_same_weights():
     torch.manual_seed(3)
     residual = DiT(**TINY, routing="residual").state_dict()

@@ -3,7 +3,7 @@
 # width (128, patch 4, batch 64, AdamW 3e-4 constant, EMA 0.999), on the CIFAR-10 JPEG copy. Validation every 500
 # steps: EMA weights, the same 2,000 random test images, fixed noise, 8 fixed t. Both arms of a run train side by
 # side, one thread each. Every run continues with --resume from its last checkpoint (every 500 steps), so the script
-# can be stopped (kill) and started again at any time. From the repository root:
+# can be stopped (kill) and started again at any time; finished runs are skipped. From the repository root:
 #   bash results/long/run.sh [DATA]     DATA: the unpacked JPEG copy (train/ and test/); default: unpacked to a temp dir
 # Runs go to runs/long/<run>/<arm>/ (checkpoints stay uncommitted); logs are copied to results/long/<run>/.
 set -euo pipefail
@@ -14,6 +14,8 @@ if [ -z "$d" ]; then d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz 
 for run in "d8_s0 8 0 8000" "d12_s0 12 0 6000" "d8_s1 8 1 8000" "d4_s1 4 1 8000"; do
     set -- $run; name=$1 depth=$2 seed=$3 steps=$4
     o=runs/long/$name
+    finished() { grep -q "\"kind\": \"done\", \"step\": $steps," $R/$name/$1/log.jsonl 2>/dev/null; }
+    finished residual && finished dar && continue              # both arms' logs are already in results/long
     mkdir -p $o $R/$name
     for arm in residual dar; do
         python train_cifar.py --preset tiny --depth $depth --seed $seed --routing $arm --dataset folder \
