@@ -4,15 +4,20 @@
 # steps: EMA weights, the same 2,000 random test images, fixed noise, 8 fixed t. Both arms of a run train side by
 # side, one thread each. Every run continues with --resume from its last checkpoint (every 500 steps), so the script
 # can be stopped (kill) and started again at any time; finished runs are skipped. From the repository root:
-#   bash results/long/run.sh [DATA]     DATA: the unpacked JPEG copy (train/ and test/); default: unpacked to a temp dir
+#   bash results/long/run.sh [DATA [RUN...]]   DATA: the unpacked JPEG copy (train/ and test/); default: unpacked to a
+#                                               temp dir. RUN: names from the list below (default: all, in that order)
 # Runs go to runs/long/<run>/<arm>/ (checkpoints stay uncommitted); logs are copied to results/long/<run>/.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 R=results/long
 d=${1:-}
 if [ -z "$d" ]; then d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz -C "$d"; fi
-for run in "d8_s0 8 0 8000" "d12_s0 12 0 6000" "d8_s1 8 1 8000" "d4_s1 4 1 8000"; do
+all=("d8_s0 8 0 8000" "d12_s0 12 0 6000" "d8_s1 8 1 8000" "d4_s1 4 1 8000")
+shift || true
+want=" ${*:-d8_s0 d12_s0 d8_s1 d4_s1} "
+for run in "${all[@]}"; do
     set -- $run; name=$1 depth=$2 seed=$3 steps=$4
+    [[ $want == *" $name "* ]] || continue
     o=runs/long/$name
     finished() { grep -q "\"kind\": \"done\", \"step\": $steps," $R/$name/$1/log.jsonl 2>/dev/null; }
     finished residual && finished dar && continue              # both arms' logs are already in results/long
