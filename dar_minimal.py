@@ -234,11 +234,10 @@ class DiT(nn.Module):
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=False, routing="dar",
                  dar_query="static_t", dar_chunk=4):
         super().__init__()
-        if routing not in ("residual", "dar") or dar_query not in ("static", "static_t", "dynamic"):
-            raise ValueError(f"routing must be 'residual' or 'dar' and dar_query 'static', 'static_t' or 'dynamic', "
-                             f"got {routing!r} and {dar_query!r}")
-        if not isinstance(dar_chunk, int) or dar_chunk < 1:
-            raise ValueError(f"dar_chunk must be an integer >= 1, got {dar_chunk!r}")
+        if routing not in ("residual", "dar") or dar_query not in ("static", "static_t", "dynamic") or \
+                not isinstance(dar_chunk, int) or dar_chunk < 1:
+            raise ValueError(f"routing must be 'residual' or 'dar', dar_query 'static', 'static_t' or 'dynamic' and "
+                             f"dar_chunk an integer >= 1, got {routing!r}, {dar_query!r} and {dar_chunk!r}")
         if depth < 1 or input_size % patch_size or hidden_size % num_heads:
             raise ValueError(f"need depth >= 1, input_size divisible by patch_size and hidden_size by num_heads, got "
                              f"depth {depth}, input_size {input_size}, patch_size {patch_size}, hidden_size "
@@ -293,6 +292,8 @@ class DiT(nn.Module):
                              f"{self.input_size}), got {tuple(x.shape)}")
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
             raise ValueError(f"expected t and y of shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+        if not torch.compiler.is_compiling():            # a data-dependent check, so only in eager calls
+            check_labels(y, self.num_classes)
         h0 = self.x_embedder(x) + self.pos_embed                   # v_0 = h_0: patches + positions
         t_emb = self.t_embedder(t)
         c = t_emb + self.y_embedder(y)                             # adaLN conditioning
@@ -351,7 +352,6 @@ def flow_matching_loss(model, x1, y, t=None, x0=None, generator=None, t_sampling
     """|| v(x_t, t, y) - (x1 - x0) ||^2 with x_t = t x1 + (1-t) x0; label dropout for CFG when model.training."""
     if t_sampling not in ("uniform", "logit_normal"):
         raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got {t_sampling!r}")
-    check_labels(y, model.num_classes)
     B, dev = x1.shape[0], x1.device
     if t is None:                                                                     # t ~ U(0, 1) or logit-normal
         t = torch.rand(B, device=dev, generator=generator) if t_sampling == "uniform" else \

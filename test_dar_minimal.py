@@ -401,6 +401,8 @@ def test_bad_input_is_refused_with_a_clear_message():
         DiT(**dict(TINY, depth=0))
     with pytest.raises(ValueError, match="converts a residual DiT"):
         residual_to_dar(model)                                        # a DAR model: its trained router would go
+    with pytest.raises(ValueError, match=r"\[0, 10\]"):
+        model(x, t, torch.tensor([0, 1, 2, 11]))                      # the forward itself checks its labels
     flow_matching_loss(model, x, torch.tensor([0, 1, 2, 10]))         # the null class itself is a valid label
 
 
@@ -478,7 +480,9 @@ def test_bench_cpu_peak_memory_of_one_arm_in_a_child_process():
     assert bench.peak_memory(args, dict(depth=1, routing="dar", dar_chunk=2), False) > 0
 
 
-def test_compile_is_the_default_on_cuda_only_and_can_be_switched():
+def test_compile_is_the_default_on_cuda_only_and_can_be_switched(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)              # options only: no GPU is touched
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     parse = train_cifar.parse_args
     assert parse(["--device", "cuda"]).compile and not parse(["--device", "cuda", "--no-compile"]).compile
     assert not parse(["--device", "cpu"]).compile and parse(["--device", "cpu", "--compile"]).compile
@@ -529,7 +533,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         loss = flow_matching_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 4 else loss
     monkeypatch.setattr(train_cifar, "flow_matching_loss", poisoned)
-    with pytest.raises(RuntimeError, match="non-finite loss at step 4"):
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 4"):
         run(tmp_path, "--routing", "residual", "--steps", "6", "--ckpt-every", "2", "--eval-every", "100")
     ckpt = torch.load(os.path.join(tmp_path, "run", "residual", "ckpt.pt"), weights_only=False)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -626,6 +630,127 @@ def test_train_cifar_bad_input(tmp_path):
         run(tmp_path, "--routing", "dar", "--steps", "4", "--depth", "3", "--resume", out="cfg")
     with pytest.raises(ValueError, match="--dataset shapes"):                        # offline CIFAR-10
         train_cifar.main(["--dataset", "cifar10", "--data-root", str(tmp_path / "nocifar"), "--device", "cpu"])
+
+
+# ---------------------------------------------------------------------------------- nothing lost, nothing silent
+
+def test_a_rerun_never_replaces_a_run_silently(tmp_path):
+    out = run(tmp_path, "--routing", "dar", "--steps", "2")
+    log = open(os.path.join(out, "dar", "log.jsonl")).read()
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        run(tmp_path, "--routing", "dar", "--steps", "3")
+    assert open(os.path.join(out, "dar", "log.jsonl")).read() == log
+    assert torch.load(os.path.join(out, "dar", "ckpt.pt"), weights_only=True)["step"] == 2
+    with pytest.raises(ValueError, match="not both"):
+        run(tmp_path, "--routing", "dar", "--resume", "--overwrite")
+    run(tmp_path, "--routing", "dar", "--steps", "3", "--eval-every", "3", "--overwrite")
+    assert sorted(f for f in os.listdir(os.path.join(out, "dar")) if f.endswith(".png")) == ["samples_0000003.png"]
+    run(tmp_path, "--routing", "residual", "--steps", "2")            # another arm in the same --out is no conflict
+
+
+def test_resume_needs_a_checkpoint_at_or_before_the_last_step(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint .* to continue from"):
+        run(tmp_path, "--routing", "dar", "--resume", out="typo")
+    assert not os.path.exists(tmp_path / "typo" / "dar" / "log.jsonl")
+    out = run(tmp_path, "--routing", "dar", "--steps", "4")
+    with pytest.raises(ValueError, match="at step 4, beyond --steps 2"):
+        run(tmp_path, "--routing", "dar", "--steps", "2", "--resume")
+    log = open(os.path.join(out, "dar", "log.jsonl")).read()
+    run(tmp_path, "--routing", "dar", "--steps", "4", "--resume")                   # finished: nothing to train
+    assert open(os.path.join(out, "dar", "log.jsonl")).read() == log
+    run(tmp_path, "--routing", "residual,dar", "--steps", "4", "--resume", "auto")  # residual starts, dar is done
+    assert [r["step"] for r in read_log(os.path.join(out, "residual", "log.jsonl")) if r["kind"] == "done"] == [4]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--class-dropout", "0"], "--class-dropout > 0, or --cfg-scale 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--depth", "0"], "--depth must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--val-size", "0"], "--val-size must be a positive integer"),
+    (["--lr", "nan"], "--lr must be a finite positive number"),
+    (["--ema-decay", "1"], r"--ema-decay must be in \[0, 1\)"),
+    (["--hidden-size", "30", "--num-heads", "4"], "divisible by --num-heads"),
+    (["--routing", "dar,dar"], "--routing must be"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda"),
+    (["--device", "cuda:99"], "no such CUDA GPU"),
+])
+def test_options_are_checked_before_any_data_is_loaded(tmp_path, monkeypatch, argv, message):
+    monkeypatch.setattr(train_cifar, "load_data", lambda args: pytest.fail("data loaded before the options were checked"))
+    with pytest.raises(ValueError, match=message):
+        train_cifar.main(["--out", str(tmp_path / "run")] + argv)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_data_is_checked_when_loaded(tmp_path):
+    from torchvision.utils import save_image
+    x, y = torch.randn(20, 4, 8, 8), torch.randint(0, 5, (20,))
+    cases = {"nan.pt": ({"x": x.clone().index_fill_(0, torch.tensor([3]), float("nan")), "y": y}, "NaN or infinite"),
+             "keys.pt": ({"latents": x, "labels": y}, "could not read x and y"),
+             "float_y.pt": ({"x": x, "y": y.float()}, "integer labels"),
+             "negative_y.pt": ({"x": x, "y": y - 10}, "labels y must be >= 0")}
+    for name, (content, message) in cases.items():
+        torch.save(content, tmp_path / name)
+        with pytest.raises(ValueError, match=message):
+            train_cifar.load_latents(str(tmp_path / name))
+    (tmp_path / "text.pt").write_text("not a tensor file")
+    with pytest.raises(ValueError, match="could not read x and y"):
+        train_cifar.load_latents(str(tmp_path / "text.pt"))
+    for root, classes in (("train", ["cat", "dog"]), ("val", ["cat", "cow", "dog"])):
+        for name in classes:
+            os.makedirs(tmp_path / root / name)
+            for i in range(3):
+                save_image(torch.rand(3, 8, 8), tmp_path / root / name / f"{i}.png")
+    folder = ["--dataset", "folder", "--data-dir", str(tmp_path / "train"), "--image-size", "8", "--device", "cpu"]
+    with pytest.raises(ValueError, match="same class folders"):
+        train_cifar.load_data(train_cifar.parse_args(folder + ["--val-dir", str(tmp_path / "val")]))
+    (tmp_path / "train" / "dog" / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot read image .*empty.png"):
+        train_cifar.load_data(train_cifar.parse_args(folder))
+
+
+def test_checkpoints_load_safely_and_a_foreign_file_gets_one_line(tmp_path):
+    out = run(tmp_path, "--routing", "dar", "--steps", "2")
+    ckpt = os.path.join(out, "dar", "ckpt.pt")
+    assert train_cifar.load_checkpoint(ckpt)["step"] == 2                 # our own checkpoints load as weights only
+    data = open(ckpt, "rb").read()
+    bad = {"truncated.pt": data[:len(data) // 2], "empty.pt": b""}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "code.pt")    # a pickled module: refused, never run
+    for name, message in [("truncated.pt", "not a readable checkpoint"), ("empty.pt", "not a readable checkpoint"),
+                          ("other.pt", "not a checkpoint of train_cifar.py"), ("code.pt", "not a readable checkpoint")]:
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError, match=message):
+            train_cifar.main(["--sample-only", "--ckpt", path, "--device", "cpu"])
+        with pytest.raises(ValueError, match=message):
+            train_cifar.main(["--diagnose", path, "--device", "cpu"])
+    os.replace(tmp_path / "truncated.pt", ckpt)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        run(tmp_path, "--routing", "dar", "--steps", "4", "--resume")
+
+
+def test_user_mistakes_end_in_one_line_and_exit_code_1(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "file").write_text("")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_cifar.py")
+    for argv, message in [(["--batch-size", "0"], "--batch-size"),
+                          (["--out", str(tmp_path / "file" / "run"), "--dataset", "shapes"], "cannot write to --out")]:
+        p = subprocess.run([sys.executable, script, "--device", "cpu"] + argv, capture_output=True, text=True)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and message in p.stderr
+
+
+def test_a_non_finite_loss_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+    monkeypatch.setattr(sys, "argv", ["train_cifar.py", "--dataset", "shapes", "--image-size", "16", "--depth", "1",
+                                      "--hidden-size", "16", "--num-heads", "2", "--batch-size", "4", "--steps", "3",
+                                      "--lr", "1e30", "--log-every", "1", "--device", "cpu", "--routing", "residual",
+                                      "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="^error: .*non-finite loss at step"):
+        runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_cifar.py"), run_name="__main__")
 
 
 # ================================================================================================ diagnostics

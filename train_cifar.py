@@ -12,9 +12,12 @@ and fixed noise, identical for every evaluation and both arms.
 import argparse
 import copy
 import json
+import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -67,7 +70,10 @@ def parse_args(argv=None):
     a("--fid-samples", type=int, default=5000)
     a("--ckpt-every", type=int, default=1000)
     a("--log-every", type=int, default=25)
-    a("--resume", action="store_true", help="continue each arm from its checkpoint in --out")
+    a("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+      help="continue each arm from its checkpoint in --out (an error where there is none); "
+           "--resume auto: continue where a checkpoint exists, start the other arms new")
+    a("--overwrite", action="store_true", help="delete the run already in --out and start over")
     a("--sample-only", action="store_true", help="write samples of --ckpt and stop")
     a("--ckpt", help="--sample-only: the checkpoint")
     a("--num-samples", type=int, default=100)
@@ -78,15 +84,50 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.eval_every = args.eval_every or max(1, args.steps // 8)
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 8)
     args.arms = args.routing.split(",")
-    if not args.arms or any(r not in ("residual", "dar") for r in args.arms):
-        raise ValueError(f"--routing must be residual, dar or residual,dar; got {args.routing!r}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compile is None:
         args.compile = args.device.startswith("cuda")                 # the speed path; eager on the CPU
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Every option's range and combination, checked before any data is loaded: ValueError naming what was expected."""
+    def need(ok, message):
+        if not ok:
+            raise ValueError(message)
+    for name in ("depth", "hidden_size", "num_heads", "patch_size", "batch_size", "steps", "image_size", "val_size",
+                 "sample_steps", "eval_every", "ckpt_every", "log_every", "num_samples", "fid_samples", "dar_chunk"):
+        need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in ("warmup", "fid_every"):
+        need(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a finite positive number, got {args.lr}")
+    need(math.isfinite(args.grad_clip) and args.grad_clip > 0, f"--grad-clip must be finite and > 0, got {args.grad_clip}")
+    need(0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    need(0 <= args.class_dropout < 1, f"--class-dropout must be in [0, 1), got {args.class_dropout}")
+    need(math.isfinite(args.cfg_scale), f"--cfg-scale must be finite, got {args.cfg_scale}")
+    need(args.cfg_scale == 1 or args.class_dropout > 0 or args.sample_only or args.diagnose,
+         f"--cfg-scale {args.cfg_scale} needs the unconditional (null-class) model, which only label dropout trains: "
+         "give --class-dropout > 0, or --cfg-scale 1 (no guidance)")
+    need(args.hidden_size % args.num_heads == 0,
+         f"--hidden-size ({args.hidden_size}) must be divisible by --num-heads ({args.num_heads})")
+    need(all(0 <= t <= 1 for t in args.diagnose_t), f"--diagnose-t values must be in [0, 1], got {args.diagnose_t}")
+    need(args.arms and all(r in ("residual", "dar") for r in args.arms) and len(set(args.arms)) == len(args.arms),
+         f"--routing must be residual, dar or residual,dar; got {args.routing!r}")
+    need(not (args.resume and args.overwrite), "--resume continues the run in --out, --overwrite deletes it: not both")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    need(device is not None and device.type in ("cpu", "cuda", "mps"),
+         f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device!r}")
+    need(device.type != "cuda" or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()),
+         f"--device {args.device}: no such CUDA GPU here ({torch.cuda.device_count()} visible); use --device cpu")
+    need(device.type != "mps" or torch.backends.mps.is_available(), "--device mps: MPS is not available here")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,8 +174,42 @@ def load_image_folder(path, size):
     except (FileNotFoundError, RuntimeError) as e:
         raise ValueError(f"no images found in {path!r} (expected class subfolders of images): {e}") from None
     loader = torch.utils.data.DataLoader(ds, batch_size=500, num_workers=min(8, os.cpu_count() or 1))
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys), len(ds.classes)
+    try:
+        xs, ys = zip(*loader)
+    except Exception:                                  # find the unreadable file (worker errors do not name it)
+        for file, _ in ds.samples:
+            try:
+                ds.loader(file)
+            except Exception as e:
+                raise ValueError(f"cannot read image {file!r} ({type(e).__name__}: {e})") from None
+        raise
+    return torch.cat(xs), torch.cat(ys), ds.classes
+
+
+def load_latents(path):
+    """x (N, C, H, W) float and y (N,) labels from a .pt or .npz file, checked: shapes, integer labels >= 0, finite x."""
+    expected = "--data-path must be a .pt or .npz file holding x (N, C, H, W) and integer labels y (N,)"
+    if not path or not os.path.isfile(path):
+        raise ValueError(f"{expected}; got {path!r}")
+    try:
+        if path.endswith(".npz"):
+            import numpy as np
+            with np.load(path) as z:
+                x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
+        else:
+            z = torch.load(path, map_location="cpu", weights_only=True)
+            x, y = torch.as_tensor(z["x"]), torch.as_tensor(z["y"])
+    except Exception as e:
+        raise ValueError(f"{expected}; could not read x and y from {path!r} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if x.ndim != 4 or y.shape != (len(x),) or y.is_floating_point() or y.is_complex() or len(x) < 2:
+        raise ValueError(f"{expected}; {path!r} has x {tuple(x.shape)} and y {tuple(y.shape)} {y.dtype}")
+    x, y = x.float(), y.long()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{path!r}: x holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
+    if (y < 0).any():
+        raise ValueError(f"{path!r}: labels y must be >= 0, found {int(y.min())}")
+    return x, y
 
 
 def held_out(x, y, n_val, seed):
@@ -157,24 +232,17 @@ def load_data(args):
         data = dict(train_x=to_t(train), train_y=torch.tensor(train.targets), val_x=to_t(test),
                     val_y=torch.tensor(test.targets), num_classes=10)
     elif args.dataset == "folder":
-        x, y, k = load_image_folder(args.data_dir, args.image_size)
+        x, y, classes = load_image_folder(args.data_dir, args.image_size)
         if args.val_dir:
-            vx, vy, _ = load_image_folder(args.val_dir, args.image_size)
+            vx, vy, val_classes = load_image_folder(args.val_dir, args.image_size)
+            if val_classes != classes:
+                raise ValueError(f"--val-dir must hold the same class folders as --data-dir (labels follow their "
+                                 f"order): {args.val_dir!r} has {val_classes}, {args.data_dir!r} has {classes}")
         else:
             x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
-        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=k)
+        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=len(classes))
     elif args.dataset == "latents":
-        if not args.data_path or not os.path.isfile(args.data_path):
-            raise ValueError(f"--data-path must be a .pt or .npz file with x (N, C, H, W) and y, got {args.data_path!r}")
-        if args.data_path.endswith(".npz"):
-            import numpy as np
-            z = np.load(args.data_path)
-            x, y = torch.from_numpy(z["x"]).float(), torch.from_numpy(z["y"]).long()
-        else:
-            z = torch.load(args.data_path)
-            x, y = z["x"].float(), z["y"].long()
-        if x.ndim != 4 or y.shape != (len(x),):
-            raise ValueError(f"latents: expected x of shape (N, C, H, W) and y of shape (N,), got {tuple(x.shape)}, {tuple(y.shape)}")
+        x, y = load_latents(args.data_path)
         x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
         data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=int(y.max()) + 1)
     else:
@@ -236,6 +304,9 @@ def generate(model, n, args, seed=0, labels=None):
     g = torch.Generator(args.device).manual_seed(seed)
     x0 = torch.randn(n, model.in_channels, model.input_size, model.input_size, device=args.device, generator=g)
     y = torch.arange(n, device=args.device) % model.num_classes if labels is None else labels
+    if args.cfg_scale != 1 and model.class_dropout_prob == 0:
+        raise ValueError(f"--cfg-scale {args.cfg_scale}: this model was trained without label dropout, so it has no "
+                         "unconditional (null-class) prediction; use --cfg-scale 1")
     with autocast(args):
         return sample(model, x0, y, steps=args.sample_steps, method=args.sampler, cfg_scale=args.cfg_scale,
                       generator=g).float()
@@ -289,6 +360,58 @@ def feature_stats(f):
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints and logs
 # ----------------------------------------------------------------------------------------------------
+
+CKPT_KEYS = {"model", "ema", "opt", "step", "config"}
+
+
+def load_checkpoint(path, device="cpu"):
+    """A checkpoint of train_arm, loaded with weights_only=True (tensors and plain containers: no code runs)."""
+    if not path or not os.path.isfile(path):
+        raise ValueError(f"no checkpoint file {path!r}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}: {why})") from None
+    if not isinstance(ckpt, dict) or not CKPT_KEYS <= ckpt.keys():
+        raise ValueError(f"{path!r} is not a checkpoint of train_cifar.py (expected a dict with {sorted(CKPT_KEYS)})")
+    return ckpt
+
+
+def prepare_out(args):
+    """Checks --out before any data is loaded: an existing run is continued (--resume), deleted (--overwrite) or refused;
+    --resume needs each arm's checkpoint (--resume auto: only where there is one) at a step <= --steps."""
+    arm_files = {arm: [os.path.join(args.out, arm, f) for f in ("ckpt.pt", "log.jsonl")] for arm in args.arms}
+    existing = [f for files in arm_files.values() for f in files if os.path.exists(f)]
+    if args.resume:
+        for arm, (ckpt_path, _) in arm_files.items():
+            if not os.path.exists(ckpt_path):
+                if args.resume == "auto":
+                    continue
+                raise ValueError(f"--resume: there is no checkpoint {ckpt_path!r} to continue from; check --out, "
+                                 "use --resume auto to start the arms that have none, or leave out --resume")
+            step = load_checkpoint(ckpt_path)["step"]
+            if step > args.steps:
+                raise ValueError(f"--resume: {ckpt_path!r} is at step {step}, beyond --steps {args.steps}; "
+                                 f"give --steps {step} or more")
+    elif existing and not args.overwrite:
+        raise ValueError(f"--out {args.out!r} already holds a run ({existing[0]}): continue it with --resume, "
+                         "delete it and start over with --overwrite, or choose another --out")
+    elif args.overwrite:
+        for path in [os.path.join(args.out, f) for f in (*args.arms, "compare.json", "compare.png")]:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        if existing:
+            print(f"--overwrite: deleted the run in {args.out} ({', '.join(args.arms)})")
+    try:
+        for arm in args.arms:
+            os.makedirs(os.path.join(args.out, arm), exist_ok=True)
+            tempfile.TemporaryFile(dir=os.path.join(args.out, arm)).close()     # can we write there?
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {args.out!r} ({e.strerror or e})") from None
+
 
 def save_checkpoint(state, path):
     """torch.save to a temporary file, then an atomic rename: a crash never leaves a half-written checkpoint."""
@@ -361,8 +484,9 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt_path, start = os.path.join(arm_dir, "ckpt.pt"), 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=False)
+    resume = args.resume and os.path.exists(ckpt_path)              # prepare_out has checked that it may
+    if resume:
+        ckpt = load_checkpoint(ckpt_path, args.device)
         if ckpt["config"] != config:
             diff = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
             raise ValueError(f"cannot resume {ckpt_path}: it was made with another model configuration "
@@ -371,8 +495,11 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
+        if start == args.steps:
+            print(f"[{routing}] {ckpt_path} is already at step {start}: nothing to train")
+            return Log.read(os.path.join(arm_dir, "log.jsonl"))
         print(f"[{routing}] resumed from {ckpt_path} at step {start}")
-    log = Log(os.path.join(arm_dir, "log.jsonl"), keep_until=start if args.resume else None)
+    log = Log(os.path.join(arm_dir, "log.jsonl"), keep_until=start if resume else None)
     with open(os.path.join(arm_dir, "config.json"), "w") as f:
         json.dump(dict(model=config, args={k: v for k, v in vars(args).items()},
                        params=sum(p.numel() for p in model.parameters())), f, indent=1)
@@ -391,7 +518,7 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
         losses = torch.stack(pending).float().cpu()
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
-            raise RuntimeError(f"[{routing}] non-finite loss at step {step - len(pending) + int(bad[0]) + 1}; "
+            raise FloatingPointError(f"[{routing}] non-finite loss at step {step - len(pending) + int(bad[0]) + 1}; "
                                f"stopped. The last good checkpoint is {ckpt_path} (if one was written).")
         return losses.mean().item()
 
@@ -486,6 +613,7 @@ def diagnose(args):
     """The paper's diagnostics for one or two checkpoints (EMA weights) on validation images: diagnostics.json,
     flow.png (RMS, gradient RMS, cosine per block), probe.png, routing and source-importance heatmaps."""
     from dar_minimal import flow_statistics, routing_map, source_importance, timestep_probe
+    ckpts = {path: load_checkpoint(path, args.device) for path in args.diagnose}      # refused before any data
     data = load_data(args)
     n = min(args.val_size, 256, len(data["val_x"]))
     x1, y = to_model_space(data["val_x"][:n], args.device), data["val_y"][:n].to(args.device)
@@ -494,10 +622,7 @@ def diagnose(args):
     grid = [round(0.05 + 0.1 * k, 2) for k in range(10)]                     # t for the routing maps
     os.makedirs(args.out, exist_ok=True)
     report, t0 = {}, args.diagnose_t[0]
-    for path in args.diagnose:
-        if not os.path.isfile(path):
-            raise ValueError(f"--diagnose expects checkpoint files, got {path!r}")
-        ckpt = torch.load(path, map_location=args.device, weights_only=False)
+    for path, ckpt in ckpts.items():
         model = DiT(**ckpt["config"]).to(args.device).eval()
         model.load_state_dict(ckpt["ema"])
         name = model.routing if model.routing not in report else f"{model.routing}_{len(report)}"
@@ -629,9 +754,9 @@ def machine():
 def sample_only(args):
     """--sample-only: a grid PNG and an .npz of uint8 NHWC samples from a checkpoint's EMA weights."""
     import numpy as np
-    if not args.ckpt or not os.path.isfile(args.ckpt):
-        raise ValueError(f"--sample-only needs --ckpt pointing to a checkpoint file, got {args.ckpt!r}")
-    ckpt = torch.load(args.ckpt, map_location=args.device, weights_only=False)
+    if not args.ckpt:
+        raise ValueError("--sample-only needs --ckpt pointing to a checkpoint file")
+    ckpt = load_checkpoint(args.ckpt, args.device)
     model = DiT(**ckpt["config"]).to(args.device).eval()
     model.load_state_dict(ckpt["ema"])
     x = torch.cat([generate(model, min(500, args.num_samples - i), args, seed=1 + i)
@@ -651,8 +776,8 @@ def main(argv=None):
         return sample_only(args)
     if args.diagnose:
         return diagnose(args)
+    prepare_out(args)
     data = load_data(args)
-    os.makedirs(args.out, exist_ok=True)
     print(f"{args.dataset}: {len(data['train_x'])} train, {len(data['val_x'])} val, "
           f"{tuple(data['train_x'].shape[1:])}, {data['num_classes']} classes; device {args.device}")
     fid_ref = None
@@ -663,7 +788,7 @@ def main(argv=None):
             if not os.path.exists(cache):
                 real = to_model_space(data["train_x"][:args.fid_samples], "cpu")
                 save_checkpoint(feature_stats(inception_features(net, real, args.device)), cache)
-            fid_ref = (net, *torch.load(cache))
+            fid_ref = (net, *torch.load(cache, weights_only=True))
     arms = {}
     for routing in args.arms:
         t0 = time.time()
@@ -677,5 +802,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:
+    except (ValueError, FloatingPointError) as e:           # a user mistake or a stopped run: one line, exit code 1
         sys.exit(f"error: {e}")

@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1
 d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz -C "$d"
 R=results/cpu/ablations
 common="--preset tiny --dataset folder --data-dir $d/train --val-dir $d/test --steps 300 --eval-every 50
-        --val-size 500 --sample-steps 10"
+        --val-size 500 --sample-steps 10 --overwrite"
 python train_cifar.py $common --routing residual,dar --out $R/ref 2>&1 | tail -3      # residual and static_t c4
 for a in "static 4" "dynamic 4" "static_t 1" "static_t 2"; do
     set -- $a

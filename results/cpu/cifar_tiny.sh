@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED=1
 R=results/cpu
 d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz -C "$d"
 python train_cifar.py --preset tiny --dataset folder --data-dir "$d/train" --val-dir "$d/test" --steps 1200 \
-    --val-size 1000 --sample-steps 20 --out $R/cifar_tiny 2>&1 | tee $R/cifar_tiny.log
+    --val-size 1000 --sample-steps 20 --overwrite --out $R/cifar_tiny 2>&1 | tee $R/cifar_tiny.log
 for f in $R/cifar_tiny/*/ckpt.pt $R/cifar_tiny/*/samples_000[0-9]*.png; do   # kept uncommitted, but the last grid
     case $f in *samples_0001200.png) continue ;; esac
     mkdir -p "runs/$(dirname "$f")"; mv "$f" "runs/$f"

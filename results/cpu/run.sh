@@ -8,7 +8,7 @@
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 R=results/cpu
-python train_cifar.py --preset tiny --dataset shapes --val-size 500 --sample-steps 20 --out $R/quickstart 2>&1 | tee $R/quickstart.log
+python train_cifar.py --preset tiny --dataset shapes --val-size 500 --sample-steps 20 --overwrite --out $R/quickstart 2>&1 | tee $R/quickstart.log
 for f in $R/quickstart/*/samples_0000[0-3]*.png; do mkdir -p "runs/$(dirname "$f")"; mv "$f" "runs/$f"; done   # keep step 400
 python results/bench.py --depths 4 8 12 --repeats 10 --out $R/bench 2>&1 | tee $R/bench.log
 bash results/cpu/cifar_tiny.sh

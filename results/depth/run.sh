@@ -14,7 +14,7 @@ for seed in 0 1; do
         o=$R/d${depth}_s$seed
         [ -f $o/compare.json ] && continue                     # finished earlier
         python train_cifar.py --preset tiny --depth $depth --seed $seed --dataset folder --data-dir "$d/train" \
-            --val-dir "$d/test" --steps 500 --eval-every 100 --val-size 1000 --sample-steps 10 --out $o > $o.log 2>&1
+            --val-dir "$d/test" --steps 500 --eval-every 100 --val-size 1000 --sample-steps 10 --overwrite --out $o > $o.log 2>&1
         for f in $o/*/ckpt.pt; do mkdir -p "runs/$(dirname "$f")"; mv "$f" "runs/$f"; done   # kept, uncommitted
     done
 done

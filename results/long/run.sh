@@ -2,7 +2,7 @@
 # Does DAR's lead last? (issue 18) Long runs on the 2-core CPU: residual vs DAR (static+t, chunk 4) at the tiny
 # width (128, patch 4, batch 64, AdamW 3e-4 constant, EMA 0.999), on the CIFAR-10 JPEG copy. Validation every 500
 # steps: EMA weights, the same 2,000 random test images, fixed noise, 8 fixed t. Both arms of a run train side by
-# side, one thread each. Every run continues with --resume from its last checkpoint (every 500 steps), so the script
+# side, one thread each. Every run continues (--resume auto) from its last checkpoint (every 500 steps), so the script
 # can be stopped (kill) and started again at any time; finished runs are skipped. From the repository root:
 #   bash results/long/run.sh [DATA [RUN...]]   DATA: the unpacked JPEG copy (train/ and test/); default: unpacked to a
 #                                               temp dir. RUN: names from the list below (default: all, in that order)
@@ -25,7 +25,7 @@ for run in "${all[@]}"; do
     for arm in residual dar; do
         python train_cifar.py --preset tiny --depth $depth --seed $seed --routing $arm --dataset folder \
             --data-dir "$d/train" --val-dir "$d/test" --val-size 2000 --steps $steps --eval-every 500 \
-            --ckpt-every 500 --log-every 100 --sample-steps 10 --resume --out $o > $o/$arm.log 2>&1 &
+            --ckpt-every 500 --log-every 100 --sample-steps 10 --resume auto --out $o > $o/$arm.log 2>&1 &
     done
     wait
     for arm in residual dar; do mkdir -p $R/$name/$arm; cp $o/$arm/log.jsonl $o/$arm/config.json $R/$name/$arm/; done
