@@ -704,9 +704,12 @@ def test_data_is_checked_when_loaded(tmp_path):
     folder = ["--dataset", "folder", "--data-dir", str(tmp_path / "train"), "--image-size", "8", "--device", "cpu"]
     with pytest.raises(ValueError, match="same class folders"):
         train_cifar.load_data(train_cifar.parse_args(folder + ["--val-dir", str(tmp_path / "val")]))
-    (tmp_path / "train" / "dog" / "empty.png").write_bytes(b"")
-    with pytest.raises(ValueError, match="cannot read image .*empty.png"):
-        train_cifar.load_data(train_cifar.parse_args(folder))
+    truncated = (tmp_path / "train" / "dog" / "0.png").read_bytes()[:60]
+    for name, content in (("empty.png", b""), ("corrupt.png", truncated)):
+        (tmp_path / "train" / "dog" / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"cannot read image .*{name}"):
+            train_cifar.load_data(train_cifar.parse_args(folder))
+        os.remove(tmp_path / "train" / "dog" / name)
 
 
 def test_checkpoints_load_safely_and_a_foreign_file_gets_one_line(tmp_path):
