@@ -448,6 +448,39 @@ def test_compare_end_to_end(tmp_path):
     assert 0 < seconds[0] < seconds[1] <= c["arms"]["dar"]["train_seconds"]
 
 
+def test_comparison_summary_says_what_happened(tmp_path, capsys):
+    evals = lambda losses, seconds: [dict(kind="eval", step=100 * (k + 1), val_loss=v, val_loss_per_t=[v] * 8,
+                                          train_seconds=seconds * (k + 1)) for k, v in enumerate(losses)]
+    done = lambda seconds: [dict(kind="done", step=400, train_seconds=4 * seconds, eval_seconds=5.0)]
+    args = train_cifar.parse_args(["--out", str(tmp_path), "--device", "cpu"])
+    ahead = train_cifar.compare(dict(residual=evals([0.5, 0.4, 0.3, 0.2], 10) + done(10),
+                                     dar=evals([0.4, 0.2, 0.15, 0.1], 12) + done(12)), args)
+    text = capsys.readouterr().out
+    assert ahead["speedup_in_steps"] == 2.0 and ahead["speedup_in_train_time"] == 40 / 24
+    for line in ["final val loss: residual 0.2000, DAR 0.1000", "step ~200 of 400: 2.00x fewer steps",
+                 "~24 s against the residual's 40 s: 1.67x less training time", "5 s evaluation",
+                 f"picture: {tmp_path / 'compare.png'}", "need not last"]:
+        assert line in text, line
+    assert os.path.exists(tmp_path / "compare.png")
+    behind = train_cifar.compare(dict(residual=evals([0.5, 0.4, 0.3, 0.2], 10) + done(10),
+                                      dar=evals([0.5, 0.45, 0.35, 0.25], 12) + done(12)), args)
+    text = capsys.readouterr().out
+    assert behind["speedup_in_steps"] is None and "did not reach the residual's final val loss within 400" in text
+    assert "in training time: not within the residual's 40 s" in text
+
+
+def test_presets_keep_evaluation_cheap_and_grids_name_their_classes(tmp_path):
+    quick = train_cifar.parse_args(["--preset", "quick", "--device", "cpu"])
+    assert (quick.steps, quick.eval_every, quick.val_size, quick.sample_every) == (400, 100, 256, 400)
+    longer = train_cifar.parse_args(["--preset", "quick", "--steps", "1000", "--device", "cpu"])
+    assert (longer.eval_every, longer.sample_every) == (250, 500)
+    from PIL import Image
+    train_cifar.save_grid(torch.zeros(20, 3, 16, 16), str(tmp_path / "g.png"), names=["a", "b", "c", "d", "e"])
+    img = Image.open(tmp_path / "g.png")
+    zoom = 4                                                                # 16 + 2 px cells, at least 64 px wide
+    assert img.size == ((5 * 18 + 2) * zoom, (4 * 18 + 2) * zoom + 14)
+
+
 BENCH = ["--depths", "1", "2", "--modes", "eager", "--dar", "static_t:2", "dynamic:1", "--repeats", "2",
          "--image-size", "8", "--patch-size", "4", "--hidden-size", "16", "--num-heads", "2", "--batch-size", "2",
          "--device", "cpu"]

@@ -26,10 +26,15 @@ from tqdm import tqdm
 
 from dar_minimal import DiT, flow_matching_loss, sample
 
-PRESETS = {  # depth, width, heads, patch, batch, lr, ema decay, steps
-    "tiny": dict(depth=8, hidden_size=128, num_heads=4, patch_size=4, batch_size=64, lr=3e-4, ema_decay=0.999, steps=400),
-    "S": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2, batch_size=256, lr=2e-4, ema_decay=0.9999, steps=50000),
-    "B": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, batch_size=256, lr=1e-4, ema_decay=0.9999, steps=50000),
+PRESETS = {  # model, optimiser, length; evaluation: every eval_every steps on val_size images, grids every sample_every
+    "quick": dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, batch_size=64, lr=3e-4, ema_decay=0.999,
+                  steps=400, eval_every=100, val_size=256, sample_every=400),
+    "tiny": dict(depth=8, hidden_size=128, num_heads=4, patch_size=4, batch_size=64, lr=3e-4, ema_decay=0.999,
+                 steps=400, eval_every=50, val_size=1000, sample_every=200),
+    "S": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2, batch_size=256, lr=2e-4, ema_decay=0.9999,
+              steps=50000, eval_every=5000, val_size=1000, sample_every=10000),
+    "B": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, batch_size=256, lr=1e-4, ema_decay=0.9999,
+              steps=50000, eval_every=5000, val_size=1000, sample_every=10000),
 }
 VAL_T = [(i + 0.5) / 8 for i in range(8)]        # fixed grid of t for the validation loss
 
@@ -61,8 +66,9 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--device", default="auto")
     a("--out", default="runs/default")
-    a("--eval-every", type=int, help="default: steps / 8")
-    a("--val-size", type=int, default=1000)
+    a("--eval-every", type=int, help="overrides the preset (with --steps given: steps / 4)")
+    a("--val-size", type=int, help="overrides the preset")
+    a("--sample-every", type=int, help="sample grids at these evaluations and the last (default: the preset's)")
     a("--sample-steps", type=int, default=50)
     a("--sampler", default="euler", choices=["euler", "heun", "sde"])
     a("--cfg-scale", type=float, default=1.5)
@@ -81,11 +87,12 @@ def parse_args(argv=None):
     a("--diagnose-t", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25],
       help="--diagnose: t of the flow statistics (the figure shows the first)")
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
+    preset = dict(PRESETS[args.preset])
+    if args.steps is not None:                                # a length of one's own: evaluations scale with it
+        preset.update(eval_every=max(1, args.steps // 4), sample_every=max(1, args.steps // 2))
+    for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.eval_every is None:
-        args.eval_every = max(1, args.steps // 8)
     args.arms = args.routing.split(",")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,7 +108,7 @@ def check_args(args):
         if not ok:
             raise ValueError(message)
     for name in ("depth", "hidden_size", "num_heads", "patch_size", "batch_size", "steps", "image_size", "val_size",
-                 "sample_steps", "eval_every", "ckpt_every", "log_every", "num_samples", "fid_samples", "dar_chunk"):
+                 "sample_steps", "eval_every", "sample_every", "ckpt_every", "log_every", "num_samples", "fid_samples", "dar_chunk"):
         need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     for name in ("warmup", "fid_every"):
         need(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -134,32 +141,48 @@ def check_args(args):
 # Data: the whole training set as one in-memory tensor (uint8 for images), augmented on the device
 # ----------------------------------------------------------------------------------------------------
 
+SHAPE_NAMES = ["disc", "square", "ring", "cross", "triangle", "diamond", "crescent", "star", "frame", "hexagon"]
+
+
 def make_shapes(n, size, seed):
-    """n images (uint8, N x 3 x size x size) of 10 classes of coloured shapes and textures, deterministic from seed."""
+    """n images (uint8, N x 3 x size x size) of 10 classes of shapes, deterministic from seed: a shaded, rotated
+    object of its class's colour and shape, at a random place and size, on a textured gradient, with two small blobs."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randperm(n, generator=g) % 10
     u = lambda *s: torch.rand(*s, generator=g)
     c = torch.linspace(-1, 1, size)
     yy, xx = torch.meshgrid(c, c, indexing="ij")
-    cx, cy, r = (u(n, 1, 1) - 0.5) * 0.8, (u(n, 1, 1) - 0.5) * 0.8, 0.35 + 0.3 * u(n, 1, 1)
-    dx, dy = (xx - cx) / r, (yy - cy) / r
-    freq = 4 + 4 * u(n, 1, 1)
-    masks = [dx ** 2 + dy ** 2 < 1,                                             # 0 disc
-             torch.maximum(dx.abs(), dy.abs()) < 0.8,                           # 1 square
-             ((dx ** 2 + dy ** 2) < 1) & ((dx ** 2 + dy ** 2) > 0.4),           # 2 ring
-             ((dx.abs() < 0.3) & (dy.abs() < 1)) | ((dy.abs() < 0.3) & (dx.abs() < 1)),  # 3 cross
-             (dy < 0.8) & (dx.abs() < (dy + 1) / 2),                            # 4 triangle
-             torch.sin(freq * yy * 3) > 0,                                      # 5 horizontal stripes
-             torch.sin(freq * xx * 3) > 0,                                      # 6 vertical stripes
-             (torch.sin(freq * xx * 3) > 0) ^ (torch.sin(freq * yy * 3) > 0),  # 7 checkerboard
-             dx.abs() + dy.abs() < 1,                                           # 8 diamond
-             torch.sin(freq * (xx + yy) * 2) > 0]                               # 9 diagonal stripes
+    cx, cy, r = (u(n, 1, 1) - 0.5) * 0.7, (u(n, 1, 1) - 0.5) * 0.7, 0.4 + 0.25 * u(n, 1, 1)
+    a = (u(n, 1, 1) - 0.5) * math.pi / 3                                       # rotation, +-30 degrees
+    dx = (torch.cos(a) * (xx - cx) + torch.sin(a) * (yy - cy)) / r
+    dy = (-torch.sin(a) * (xx - cx) + torch.cos(a) * (yy - cy)) / r
+    rho, theta = (dx ** 2 + dy ** 2).sqrt(), torch.atan2(dy, dx)
+    box = torch.maximum(dx.abs(), dy.abs())
+    masks = [rho < 1,                                                           # disc
+             box < 0.8,                                                         # square
+             (rho < 1) & (rho > 0.6),                                           # ring
+             ((dx.abs() < 0.3) | (dy.abs() < 0.3)) & (box < 1),                 # cross
+             (dy < 0.7) & (dx.abs() < (dy + 1) / 1.7),                          # triangle
+             dx.abs() + dy.abs() < 1,                                           # diamond
+             (rho < 1) & ((dx - 0.45) ** 2 + (dy + 0.2) ** 2 > 0.6),            # crescent
+             rho < 0.55 + 0.4 * torch.cos(5 * theta),                           # star
+             (box < 0.9) & (box > 0.55),                                        # frame
+             torch.maximum(dx.abs() * 0.866 + dy.abs() * 0.5, dy.abs()) < 0.85]  # hexagon
     mask = torch.stack(masks, 1)[torch.arange(n), y]                            # (n, size, size)
-    palette = torch.tensor([[.9, .2, .2], [.2, .8, .2], [.2, .3, .9], [.9, .8, .1], [.8, .2, .8],
-                            [.1, .8, .8], [.95, .55, .1], [.9, .9, .9], [.5, .3, .1], [.4, .9, .5]])
-    fg = (palette[y] + 0.15 * (u(n, 3) - 0.5)).clamp(0, 1)[:, :, None, None]
-    bg = (0.35 * u(n, 3))[:, :, None, None]
-    img = torch.where(mask[:, None], fg, bg) + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    palette = torch.tensor([[.9, .2, .2], [.2, .75, .2], [.2, .35, .95], [.95, .8, .1], [.8, .25, .85],
+                            [.1, .8, .8], [.95, .55, .1], [.95, .95, .95], [.55, .35, .15], [.45, .95, .55]])
+    fg = (palette[y] + 0.2 * (u(n, 3) - 0.5)).clamp(0, 1)[:, :, None, None]
+    fg = fg * (1 - 0.25 * (dx + dy)[:, None] / 2).clamp(0.6, 1.4)              # lit from the top left
+    angle, freq = u(n, 1, 1) * math.pi, 3 + 5 * u(n, 1, 1)                      # background: gradient + stripes
+    ramp = (torch.cos(angle) * xx + torch.sin(angle) * yy + 1) / 2
+    stripes = 0.06 * torch.sin(freq * math.pi * (torch.sin(angle) * xx - torch.cos(angle) * yy))
+    bg0, bg1 = 0.45 * u(n, 3, 1, 1), 0.45 * u(n, 3, 1, 1)
+    img = bg0 + (bg1 - bg0) * ramp[:, None] + stripes[:, None]
+    for _ in range(2):                                                          # two small blobs of any colour
+        bx, by, br = u(n, 1, 1) * 1.8 - 0.9, u(n, 1, 1) * 1.8 - 0.9, 0.1 + 0.08 * u(n, 1, 1)
+        blob = (xx - bx) ** 2 + (yy - by) ** 2 < br ** 2
+        img = torch.where(blob[:, None], u(n, 3, 1, 1), img)
+    img = torch.where(mask[:, None], fg, img) + 0.02 * torch.randn(n, 3, size, size, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
@@ -230,7 +253,7 @@ def load_data(args):
                              "--dataset shapes (built in, offline), or --dataset latents --data-path FILE.") from None
         to_t = lambda d: torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous()
         data = dict(train_x=to_t(train), train_y=torch.tensor(train.targets), val_x=to_t(test),
-                    val_y=torch.tensor(test.targets), num_classes=10)
+                    val_y=torch.tensor(test.targets), num_classes=10, class_names=train.classes)
     elif args.dataset == "folder":
         x, y, classes = load_image_folder(args.data_dir, args.image_size)
         if args.val_dir:
@@ -240,15 +263,16 @@ def load_data(args):
                                  f"order): {args.val_dir!r} has {val_classes}, {args.data_dir!r} has {classes}")
         else:
             x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
-        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=len(classes))
+        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=len(classes), class_names=classes)
     elif args.dataset == "latents":
         x, y = load_latents(args.data_path)
         x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
-        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=int(y.max()) + 1)
+        k = int(y.max()) + 1
+        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=k, class_names=[str(c) for c in range(k)])
     else:
         x, y = make_shapes(10000, args.image_size, args.seed)
         vx, vy = make_shapes(1000, args.image_size, args.seed + 1)
-        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=10)
+        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=10, class_names=SHAPE_NAMES)
     data["images"] = data["train_x"].dtype == torch.uint8
     if len(data["train_x"]) == 0 or len(data["val_x"]) == 0:
         raise ValueError(f"the {args.dataset} data set is empty")
@@ -312,10 +336,25 @@ def generate(model, n, args, seed=0, labels=None):
                       generator=g).float()
 
 
-def save_grid(x, path, nrow=10):
-    """Samples in [-1, 1] (3 channels) -> a PNG grid."""
-    from torchvision.utils import save_image
-    save_image((x[:, :3].clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1)
+def save_grid(x, path, names=None, nrow=10):
+    """Samples in [-1, 1] (3 channels) -> a PNG grid; with names, one column per class, enlarged, its name on top."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+    nrow = len(names) if names else nrow
+    grid = make_grid((x[:, :3].float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1)
+    img = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+    if names:
+        cell = x.shape[-1] + 2
+        zoom = max(1, -(-64 // cell))                                  # columns at least 64 px wide, for the names
+        img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
+        framed = Image.new("RGB", (img.width, img.height + 14), "white")
+        framed.paste(img, (0, 14))
+        draw = ImageDraw.Draw(framed)
+        for k, name in enumerate(names):
+            name = str(name)[:cell * zoom // 6]
+            draw.text((k * cell * zoom + (cell * zoom - 6 * len(name)) // 2, 2), name, fill="black")
+        img = framed
+    img.save(path)
 
 
 def load_inception(device, pretrained=True):
@@ -464,8 +503,9 @@ def evaluate(ema, data, args, step, log, arm_dir, fid_ref, train_seconds):
     """Validation loss (and samples, FID when due) of the EMA weights; one log record, with the training time so far."""
     val, per_t = validation_loss(ema, data, args)
     record = dict(kind="eval", step=step, val_loss=val, val_loss_per_t=per_t, train_seconds=train_seconds)
-    if data["images"]:
-        save_grid(generate(ema, 100, args), os.path.join(arm_dir, f"samples_{step:07d}.png"))
+    if data["images"] and (step % args.sample_every == 0 or step == args.steps):
+        names = data["class_names"][:10]
+        save_grid(generate(ema, 4 * len(names), args), os.path.join(arm_dir, f"samples_{step:07d}.png"), names)
     if fid_ref is not None and args.fid_every and (step % args.fid_every == 0 or step == args.steps):
         net, mu, cov = fid_ref
         fake = torch.cat([generate(ema, min(500, args.fid_samples - i), args, seed=1 + i)
@@ -685,63 +725,103 @@ def diagnose(args):
 # Comparison, sampling from a checkpoint, entry point
 # ----------------------------------------------------------------------------------------------------
 
-def steps_to_reach(evals, target):
-    """First evaluated step whose val loss <= target, and a linear interpolation between evaluations."""
+def steps_to_reach(evals, target, key="step"):
+    """First evaluation whose val loss <= target: its key ("step" or "train_seconds"), and a linear interpolation of
+    that key between evaluations; (None, None) if no evaluation reached it."""
     prev = None
     for r in evals:
         if r["val_loss"] <= target:
             if prev is None:
-                return r["step"], float(r["step"])
+                return r[key], float(r[key])
             frac = (prev["val_loss"] - target) / (prev["val_loss"] - r["val_loss"])
-            return r["step"], prev["step"] + frac * (r["step"] - prev["step"])
+            return r[key], prev[key] + frac * (r[key] - prev[key])
         prev = r
     return None, None
 
 
+LONG_RUNS = ("A lead early in training need not last: in the long runs on CIFAR-10 (README, 'Does the lead last?') "
+             "DAR's lead at 8 blocks faded by about 4,000 steps and it was slightly behind after.")
+
+
 def compare(records, args):
-    """compare.json (and compare.png with matplotlib) from the log records of the residual and DAR arms."""
+    """compare.json, a summary in the terminal and compare.png (validation loss against steps and against training
+    time; needs matplotlib) from the log records of the residual and DAR arms."""
     arms = {k: [r for r in v if r["kind"] == "eval"] for k, v in records.items()}
     done = {k: [r for r in v if r["kind"] == "done"] for k, v in records.items()}
     res, dar = arms["residual"], arms["dar"]
     target = res[-1]["val_loss"]
     first, interp = steps_to_reach(dar, target)
+    _, seconds = steps_to_reach(dar, target, key="train_seconds")
     summary = dict(
         val_t_grid=VAL_T,
         arms={k: dict(steps=[r["step"] for r in v], val_loss=[r["val_loss"] for r in v],
                       train_seconds_at_eval=[r.get("train_seconds") for r in v],
                       val_loss_per_t=[r["val_loss_per_t"] for r in v], final_val_loss=v[-1]["val_loss"],
                       train_seconds=sum(r["train_seconds"] for r in done[k]) if done[k] else None,  # all segments
+                      eval_seconds=sum(r.get("eval_seconds", 0) for r in done[k]) if done[k] else None,
                       **({"fid": [r.get("fid") for r in v]} if any("fid" in r for r in v) else {}))
               for k, v in arms.items()},
         residual_final_step=res[-1]["step"], residual_final_val_loss=target,
+        residual_final_train_seconds=res[-1]["train_seconds"],
         dar_steps_to_residual_final=first, dar_steps_to_residual_final_interpolated=interp,
         speedup_in_steps=(res[-1]["step"] / interp) if interp else None,
+        dar_train_seconds_to_residual_final=seconds,
+        speedup_in_train_time=(res[-1]["train_seconds"] / seconds) if seconds else None,
         command=" ".join([os.path.basename(sys.executable)] + sys.argv), machine=machine())
     with open(os.path.join(args.out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"final val loss: residual {target:.4f}, DAR {dar[-1]['val_loss']:.4f}")
-    if interp:
-        print(f"DAR reached the residual arm's final val loss at step ~{interp:.0f} of {res[-1]['step']} "
-              f"({summary['speedup_in_steps']:.2f}x fewer steps)")
+    picture = os.path.join(args.out, "compare.png")
+    drawn = plot_comparison(arms, target, picture)
+    print(summary_text(summary, picture if drawn else None))
+    return summary
+
+
+def summary_text(summary, picture):
+    """The comparison in a few lines: final losses, DAR's steps and training time to the residual's final loss."""
+    res, dar = summary["arms"]["residual"], summary["arms"]["dar"]
+    n, t = summary["residual_final_step"], summary["residual_final_train_seconds"]
+    lines = [f"final val loss: residual {res['final_val_loss']:.4f}, DAR {dar['final_val_loss']:.4f} "
+             f"(lower is better; step {n})"]
+    if summary["speedup_in_steps"]:
+        lines.append(f"DAR reached the residual's final val loss at step ~{summary['dar_steps_to_residual_final_interpolated']:.0f}"
+                     f" of {n}: {summary['speedup_in_steps']:.2f}x fewer steps")
     else:
-        print("DAR did not reach the residual arm's final val loss within the run")
+        lines.append(f"DAR did not reach the residual's final val loss within {n} steps: no speed-up in steps")
+    if summary["speedup_in_train_time"]:
+        lines.append(f"in training time: ~{summary['dar_train_seconds_to_residual_final']:.0f} s against the residual's "
+                     f"{t:.0f} s: {summary['speedup_in_train_time']:.2f}x less training time")
+    else:
+        lines.append(f"in training time: not within the residual's {t:.0f} s")
+    if res["train_seconds"] is not None and dar["train_seconds"] is not None:
+        lines.append("time: " + ", ".join(f"{k} {a['train_seconds']:.0f} s training + {a['eval_seconds']:.0f} s evaluation"
+                                          for k, a in summary["arms"].items()))
+    lines.append(f"picture: {picture}" if picture else
+                 "picture: not drawn (matplotlib is not installed); compare.json has the numbers")
+    lines.append(LONG_RUNS)
+    return "\n".join(lines)
+
+
+def plot_comparison(arms, target, path):
+    """Validation loss of each arm against steps and against training time, side by side; False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: compare.png not written (compare.json has the numbers)")
-        return summary
-    fig, ax = plt.subplots(figsize=(6, 4))
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for k, v in arms.items():
-        ax.plot([r["step"] for r in v], [r["val_loss"] for r in v], marker="o", label=k)
-    ax.axhline(target, color="gray", lw=0.5, ls="--")
-    ax.set(xlabel="step", ylabel="validation flow-matching loss (EMA)", title=os.path.basename(args.out.rstrip("/")))
-    ax.legend()
+        for ax, key in zip(axes, ("step", "train_seconds")):
+            ax.plot([r[key] for r in v], [r["val_loss"] for r in v], marker="o", label=k)
+    for ax, label in zip(axes, ("training step", "training time, s (evaluation excluded)")):
+        ax.axhline(target, color="gray", lw=0.5, ls="--")
+        ax.set(xlabel=label)
+    axes[0].set(ylabel="validation loss (EMA weights)", title=os.path.basename(os.path.dirname(path) or "."))
+    axes[0].legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "compare.png"), dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return summary
+    return True
 
 
 def machine():
@@ -762,7 +842,7 @@ def sample_only(args):
     x = torch.cat([generate(model, min(500, args.num_samples - i), args, seed=1 + i)
                    for i in range(0, args.num_samples, 500)])
     stem = os.path.splitext(args.ckpt)[0] + f"_samples{args.num_samples}"
-    save_grid(x[:100], stem + ".png")
+    save_grid(x[:100], stem + ".png", nrow=min(10, model.num_classes))
     images = ((x[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     np.savez(stem + ".npz", images=images)
     print(f"wrote {stem}.png and {stem}.npz ({len(images)} samples)")
