@@ -599,6 +599,40 @@ def test_fid_feature_path_runs_with_random_inception_weights():
     assert feats.shape == (3, 2048) and torch.isfinite(feats).all()
 
 
+def test_pytorch_fid_backend_with_random_weights_and_a_cached_reference(tmp_path, monkeypatch):
+    inception = pytest.importorskip("pytorch_fid.inception")
+    monkeypatch.setattr(inception, "fid_inception_v3",                      # its architecture, no weights download
+                        lambda: inception._inception_v3(num_classes=1008, aux_logits=False, weights=None))
+    net = train_cifar.load_inception("cpu", "pytorch-fid")
+    feats = train_cifar.inception_features(net, torch.rand(3, 3, 16, 16) * 2 - 1, "cpu", "pytorch-fid")
+    assert feats.shape == (3, 2048) and feats.dtype == torch.float64 and torch.isfinite(feats).all()
+    args = train_cifar.parse_args(["--dataset", "shapes", "--image-size", "16", "--fid-samples", "6",
+                                   "--fid-backend", "pytorch-fid", "--out", str(tmp_path), "--device", "cpu"])
+    data = dict(train_x=train_cifar.make_shapes(20, 16, 0)[0])
+    mu, cov = train_cifar.fid_reference(net, data, args)
+    assert mu.shape == (2048,) and cov.shape == (2048, 2048) and os.path.exists(args.fid_reference)
+    monkeypatch.setattr(train_cifar, "inception_features", lambda *a, **k: pytest.fail("the cache was not used"))
+    assert torch.equal(train_cifar.fid_reference(net, data, args)[0], mu)
+
+
+def test_fid_without_the_package_or_its_weights_is_one_line_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    import sys
+    import urllib.error
+    inception = pytest.importorskip("pytorch_fid.inception")
+
+    def offline():
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(inception, "fid_inception_v3", offline)              # the weights cannot be downloaded
+    assert train_cifar.load_inception("cpu", "pytorch-fid") is None
+    assert "weights could not be loaded (URLError" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", None)          # the package is not installed
+    assert train_cifar.load_inception("cpu", "pytorch-fid") is None
+    assert "pip install pytorch-fid" in capsys.readouterr().out
+    monkeypatch.setattr(train_cifar, "load_inception", lambda *a: print("FID skipped: no weights offline"))
+    out = run(tmp_path, "--routing", "residual", "--fid-every", "2", "--fid-backend", "pytorch-fid")
+    assert [r["step"] for r in read_log(os.path.join(out, "residual", "log.jsonl")) if r["kind"] == "done"] == [4]
+
+
 def test_latents_dataset(tmp_path):
     x, y = torch.randn(40, 4, 8, 8), torch.randint(0, 5, (40,))
     torch.save({"x": x, "y": y}, tmp_path / "z.pt")

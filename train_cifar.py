@@ -73,7 +73,9 @@ def parse_args(argv=None):
     a("--sampler", default="euler", choices=["euler", "heun", "sde"])
     a("--cfg-scale", type=float, default=1.5)
     a("--fid-every", type=int, default=0, help="0: no FID")
-    a("--fid-samples", type=int, default=5000)
+    a("--fid-samples", type=int, default=5000, help="published CIFAR-10 FIDs use 50000")
+    a("--fid-backend", default="torchvision", choices=["torchvision", "pytorch-fid"],
+      help="pytorch-fid (optional package): the TF-Inception of published FIDs; torchvision: compare runs only")
     a("--ckpt-every", type=int, default=1000)
     a("--log-every", type=int, default=25)
     a("--resume", nargs="?", const="yes", choices=["yes", "auto"],
@@ -108,7 +110,8 @@ def check_args(args):
         if not ok:
             raise ValueError(message)
     for name in ("depth", "hidden_size", "num_heads", "patch_size", "batch_size", "steps", "image_size", "val_size",
-                 "sample_steps", "eval_every", "sample_every", "ckpt_every", "log_every", "num_samples", "fid_samples", "dar_chunk"):
+                 "sample_steps", "eval_every", "sample_every", "ckpt_every", "log_every", "num_samples", "fid_samples",
+                 "dar_chunk"):
         need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     for name in ("warmup", "fid_every"):
         need(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -357,8 +360,20 @@ def save_grid(x, path, names=None, nrow=10):
     img.save(path)
 
 
-def load_inception(device, pretrained=True):
-    """torchvision's Inception-v3 returning 2048-d pool features; None (with one line) when weights can't be had."""
+def load_inception(device, backend="torchvision", pretrained=True):
+    """The FID feature network, returning 2048-d pool features: torchvision's ImageNet Inception-v3, or pytorch-fid's
+    port of the TF-Inception that published FIDs use; None (with one line) when the package or weights can't be had."""
+    if backend == "pytorch-fid":
+        try:
+            from pytorch_fid.inception import InceptionV3
+        except ImportError:
+            print("FID skipped: --fid-backend pytorch-fid needs the optional package (pip install pytorch-fid)")
+            return None
+        try:                                              # resizes to 299 and rescales [0, 1] inputs itself
+            return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(device)
+        except Exception as e:
+            print(f"FID skipped: pytorch-fid's Inception weights could not be loaded ({type(e).__name__}: {e})")
+            return None
     from torchvision.models import Inception_V3_Weights, inception_v3
     try:
         net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1 if pretrained else None,
@@ -371,15 +386,19 @@ def load_inception(device, pretrained=True):
 
 
 @torch.no_grad()
-def inception_features(net, images, device, batch=200):
-    """Pool features (N, 2048, float64) of images in [-1, 1], resized to 299 and ImageNet-normalised."""
+def inception_features(net, images, device, backend="torchvision", batch=200):
+    """Pool features (N, 2048, float64) of images in [-1, 1]: pytorch-fid takes them in [0, 1]; torchvision's
+    network resized to 299 and ImageNet-normalised."""
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
     feats = []
     for i in range(0, len(images), batch):
         x = (images[i:i + batch].to(device).float().clamp(-1, 1) + 1) / 2
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        feats.append(net((x - mean) / std).double().cpu())
+        if backend == "pytorch-fid":
+            feats.append(net(x)[0].flatten(1).double().cpu())
+        else:
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            feats.append(net((x - mean) / std).double().cpu())
     return torch.cat(feats)
 
 
@@ -394,6 +413,18 @@ def frechet_distance(mu1, cov1, mu2, cov2):
 def feature_stats(f):
     """Mean and covariance of (N, D) features."""
     return f.mean(0), torch.cov(f.T)
+
+
+def fid_reference(net, data, args):
+    """Mean and covariance of the features of --fid-samples random training images, computed once and cached in --out
+    (the file is named in the terminal and in each arm's config.json)."""
+    args.fid_reference = os.path.join(args.out, f"fid_ref_{args.fid_backend}_{args.dataset}_{args.fid_samples}.pt")
+    if not os.path.exists(args.fid_reference):
+        pick = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(0))[:args.fid_samples]
+        real = to_model_space(data["train_x"][pick.to(data["train_x"].device)], "cpu")
+        save_checkpoint(feature_stats(inception_features(net, real, args.device, args.fid_backend)), args.fid_reference)
+    print(f"FID ({args.fid_backend}) against the training-set statistics in {args.fid_reference}")
+    return torch.load(args.fid_reference, weights_only=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -510,7 +541,8 @@ def evaluate(ema, data, args, step, log, arm_dir, fid_ref, train_seconds):
         net, mu, cov = fid_ref
         fake = torch.cat([generate(ema, min(500, args.fid_samples - i), args, seed=1 + i)
                           for i in range(0, args.fid_samples, 500)])
-        record["fid"] = frechet_distance(*feature_stats(inception_features(net, fake, args.device)), mu, cov)
+        record["fid"] = frechet_distance(*feature_stats(inception_features(net, fake, args.device, args.fid_backend)),
+                                         mu, cov)
     log.write(**record)
     return record
 
@@ -862,13 +894,9 @@ def main(argv=None):
           f"{tuple(data['train_x'].shape[1:])}, {data['num_classes']} classes; device {args.device}")
     fid_ref = None
     if args.fid_every and data["images"]:
-        net = load_inception(args.device)
+        net = load_inception(args.device, args.fid_backend)
         if net is not None:
-            cache = os.path.join(args.out, f"fid_ref_{args.dataset}_{args.fid_samples}.pt")
-            if not os.path.exists(cache):
-                real = to_model_space(data["train_x"][:args.fid_samples], "cpu")
-                save_checkpoint(feature_stats(inception_features(net, real, args.device)), cache)
-            fid_ref = (net, *torch.load(cache, weights_only=True))
+            fid_ref = (net, *fid_reference(net, data, args))
     arms = {}
     for routing in args.arms:
         t0 = time.time()
