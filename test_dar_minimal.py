@@ -471,7 +471,7 @@ def test_comparison_summary_says_what_happened(tmp_path, capsys):
 
 def test_presets_keep_evaluation_cheap_and_grids_name_their_classes(tmp_path):
     quick = train_cifar.parse_args(["--preset", "quick", "--device", "cpu"])
-    assert (quick.steps, quick.eval_every, quick.val_size, quick.sample_every) == (400, 100, 256, 400)
+    assert (quick.steps, quick.eval_every, quick.val_size, quick.sample_every) == (400, 100, 200, 400)
     longer = train_cifar.parse_args(["--preset", "quick", "--steps", "1000", "--device", "cpu"])
     assert (longer.eval_every, longer.sample_every) == (250, 500)
     from PIL import Image

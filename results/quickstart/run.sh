@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quick start, three seeds (issue 17): residual vs DAR (static+t, chunk 4) at the `quick` preset (4 blocks,
-# width 128, patch 4, batch 64, AdamW 3e-4, EMA 0.999, 400 steps, 4 evaluations on 256 validation images, one
+# width 128, patch 4, batch 64, AdamW 3e-4, EMA 0.999, 400 steps, 4 evaluations on 200 validation images, one
 # labelled sample grid at the end) on the built-in `shapes` data and on the CIFAR-10 JPEG copy, seeds 0, 1, 2.
 # Each run is the README's quick-start command with another seed. From the repository root, on a quiet machine
 # (the times are part of the result):
