@@ -572,6 +572,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_torchrun_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
+    """2 x 4 samples per step under torchrun (DDP, gloo) = 1 x 8: same draws per sample, gradients averaged."""
+    import subprocess
+    import sys
+    one = run(tmp_path, "--routing", "dar", "--steps", "3", "--eval-every", "3", out="one")
+    argv = ["--dataset", "shapes", "--image-size", "16", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
+            "--patch-size", "4", "--batch-size", "8", "--steps", "3", "--eval-every", "3", "--val-size", "16",
+            "--sample-steps", "2", "--log-every", "1", "--device", "cpu", "--routing", "dar", "--out", str(tmp_path / "two")]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_cifar.py")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+                       + argv, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    logs = [read_log(os.path.join(out, "dar", "log.jsonl")) for out in (one, str(tmp_path / "two"))]
+    losses = [[r["loss"] for r in log if r["kind"] == "train"] for log in logs]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    a, b = (torch.load(os.path.join(out, "dar", "ckpt.pt"), weights_only=True) for out in (one, str(tmp_path / "two")))
+    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-5) for k in a["model"])
+    assert p.stdout.count("step 3: val loss") == 1                          # rank 0 alone evaluates and prints
+
+
 def test_shapes_are_deterministic_and_classes_differ():
     x1, y1 = train_cifar.make_shapes(200, 16, seed=5)
     x2, y2 = train_cifar.make_shapes(200, 16, seed=5)

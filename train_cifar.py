@@ -101,6 +101,7 @@ def parse_args(argv=None):
     if args.compile is None:
         args.compile = args.device.startswith("cuda")                 # the speed path; eager on the CPU
     check_args(args)
+    args.rank, args.world = 0, 1                           # this process and how many there are (see start_processes)
     return args
 
 
@@ -504,12 +505,13 @@ def model_config(args, data, routing):
 class Log:
     """Append-only JSONL log of one arm; on resume, records after the checkpoint's step are dropped."""
 
-    def __init__(self, path, keep_until=None):
-        self.path = path
+    def __init__(self, path, keep_until=None, write=True):
+        self.path, self.enabled = path, write                     # write=False: a process other than rank 0
         records = self.read(path) if keep_until is not None else []
         self.records = [r for r in records if r["step"] <= keep_until] if keep_until is not None else []
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        if write:
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
 
     @staticmethod
     def read(path):
@@ -522,8 +524,9 @@ class Log:
     def write(self, **record):
         """Append one record (a dict with at least kind and step)."""
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -545,6 +548,25 @@ def evaluate(ema, data, args, step, log, arm_dir, fid_ref, train_seconds):
                                          mu, cov)
     log.write(**record)
     return record
+
+
+class DistributedDiT(torch.nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel that also answers the DiT's attributes (num_classes, ...) that flow_matching_loss reads."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def step_draws(B, shape, g, args):
+    """The random draws of one training step for the whole batch, in a fixed order: flips, t, noise (the label-drop
+    draws follow inside flow_matching_loss). Each process takes its part, so N x B/N sees what 1 x B sees."""
+    flip = torch.rand(B, device=args.device, generator=g) < 0.5
+    t = torch.rand(B, device=args.device, generator=g) if args.t_sampling == "uniform" else \
+        torch.sigmoid(torch.randn(B, device=args.device, generator=g))              # as flow_matching_loss draws t
+    return flip, t, torch.randn((B, *shape), device=args.device, generator=g)
 
 
 def train_arm(args, data, routing, arm_dir, fid_ref=None):
@@ -571,23 +593,31 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
             print(f"[{routing}] {ckpt_path} is already at step {start}: nothing to train")
             return Log.read(os.path.join(arm_dir, "log.jsonl"))
         print(f"[{routing}] resumed from {ckpt_path} at step {start}")
-    log = Log(os.path.join(arm_dir, "log.jsonl"), keep_until=start if resume else None)
-    with open(os.path.join(arm_dir, "config.json"), "w") as f:
-        json.dump(dict(model=config, args={k: v for k, v in vars(args).items()},
-                       params=sum(p.numel() for p in model.parameters())), f, indent=1)
-    step_fn = torch.compile(model) if args.compile else model
+    main_process = args.rank == 0                                  # logs, evaluations and checkpoints
+    log = Log(os.path.join(arm_dir, "log.jsonl"), keep_until=start if resume else None, write=main_process)
+    if main_process:
+        with open(os.path.join(arm_dir, "config.json"), "w") as f:
+            json.dump(dict(model=config, args={k: v for k, v in vars(args).items()},
+                           params=sum(p.numel() for p in model.parameters())), f, indent=1)
+    net = DistributedDiT(model) if args.world > 1 else model       # gradients averaged over the processes
+    step_fn = torch.compile(net) if args.compile else net
     n, B = len(data["train_x"]), args.batch_size
+    mine = slice(args.rank * (B // args.world), (args.rank + 1) * (B // args.world))   # this process's part of a batch
     steps_per_epoch = max(1, n // B)
     pending, order, eval_time, t_start, last = [], None, 0.0, time.time(), (start, time.time())
     earlier = sum(r["train_seconds"] for r in log.records if r["kind"] == "done")   # finished segments before a resume
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=routing, dynamic_ncols=True,
-               disable=None)
+               disable=None if main_process else True)
 
     def check(step):
         """Mean of the losses of the steps since the last log line (one sync); stop on a non-finite one."""
         if not pending:
             return None
-        losses = torch.stack(pending).float().cpu()
+        losses = torch.stack(pending).float()
+        if args.world > 1:                                         # the mean over every process's part of the batch
+            torch.distributed.all_reduce(losses)
+            losses /= args.world
+        losses = losses.cpu()
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             raise FloatingPointError(f"[{routing}] non-finite loss at step {step - len(pending) + int(bad[0]) + 1}; "
@@ -599,17 +629,20 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
         if order is None or order[0] != epoch:
             order = (epoch, epoch_order(n, args.seed, epoch).to(data["train_x"].device))
         idx = order[1][i * B:(i + 1) * B]
-        g = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + step)   # t, noise, flips, label drop
+        g = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + step)   # flips, t, noise, label drop
+        flip, t, x0 = step_draws(len(idx), data["train_x"].shape[1:], g, args)       # for the whole batch
+        idx, flip, t, x0 = idx[mine], flip[mine], t[mine], x0[mine]
         x1 = to_model_space(data["train_x"][idx], args.device)
-        flip = torch.rand(len(idx), device=args.device, generator=g) < 0.5
         x1 = torch.where(flip[:, None, None, None], x1.flip(-1), x1)                  # random horizontal flip
         y = data["train_y"][idx].to(args.device)
+        if args.rank:                             # skip the label-drop draws of the processes before this one
+            torch.rand(args.rank * len(idx), device=args.device, generator=g)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
         with autocast(args):
-            loss = flow_matching_loss(step_fn, x1, y, generator=g, t_sampling=args.t_sampling)
+            loss = flow_matching_loss(step_fn, x1, y, t=t, x0=x0, generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -626,8 +659,11 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
             last = (done, time.time())
             log.write(kind="train", step=done, loss=mean_loss, lr=lr, steps_per_s=rate, images_per_s=rate * B)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.1e}", it_s=f"{rate:.2f}", img_s=f"{rate * B:.0f}")
-        if done % args.eval_every == 0 or done == args.steps:
-            check(done)
+        evaluate_now = done % args.eval_every == 0 or done == args.steps
+        save_now = done % args.ckpt_every == 0 or done == args.steps
+        if evaluate_now or save_now:
+            check(done)                                            # never evaluate or save a non-finite model
+        if main_process and evaluate_now:
             t_eval = time.time()
             record = evaluate(ema, data, args, done, log, arm_dir, fid_ref,
                               train_seconds=earlier + time.time() - t_start - eval_time)
@@ -635,8 +671,7 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
             tqdm.write(f"[{routing}] step {done}: val loss {record['val_loss']:.4f}"
                        + (f", FID {record['fid']:.2f}" if "fid" in record else ""))
             last = (done, time.time())                                                 # keep eval out of the rates
-        if done % args.ckpt_every == 0 or done == args.steps:
-            check(done)
+        if main_process and save_now:
             save_checkpoint(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
                                  config=config, seed=args.seed,
                                  data_position=dict(epoch=epoch, index_in_epoch=i + 1)), ckpt_path)
@@ -880,6 +915,23 @@ def sample_only(args):
     print(f"wrote {stem}.png and {stem}.npz ({len(images)} samples)")
 
 
+def start_processes(args):
+    """Under torchrun (WORLD_SIZE > 1): joins the process group (NCCL on CUDA, gloo on the CPU), one GPU per process;
+    only rank 0 prints. args.rank and args.world are (0, 1) for a plain run."""
+    args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.world == 1:
+        return
+    if args.batch_size % args.world:
+        raise ValueError(f"--batch-size (the global batch) must be divisible by the {args.world} processes, "
+                         f"got {args.batch_size}")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(args.device)
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if args.rank:
+        sys.stdout = open(os.devnull, "w")
+
+
 def main(argv=None):
     """Parses options and runs: --sample-only, --diagnose, or training of each arm (and the comparison)."""
     args = parse_args(argv)
@@ -888,12 +940,16 @@ def main(argv=None):
         return sample_only(args)
     if args.diagnose:
         return diagnose(args)
-    prepare_out(args)
+    start_processes(args)
+    if args.rank == 0:
+        prepare_out(args)
+    if args.world > 1:
+        torch.distributed.barrier()                    # the others wait for rank 0's check of --out
     data = load_data(args)
     print(f"{args.dataset}: {len(data['train_x'])} train, {len(data['val_x'])} val, "
           f"{tuple(data['train_x'].shape[1:])}, {data['num_classes']} classes; device {args.device}")
     fid_ref = None
-    if args.fid_every and data["images"]:
+    if args.fid_every and data["images"] and args.rank == 0:
         net = load_inception(args.device, args.fid_backend)
         if net is not None:
             fid_ref = (net, *fid_reference(net, data, args))
@@ -902,7 +958,9 @@ def main(argv=None):
         t0 = time.time()
         arms[routing] = train_arm(args, data, routing, os.path.join(args.out, routing), fid_ref)
         print(f"[{routing}] done in {time.time() - t0:.0f} s")
-    if len(arms) == 2:
+    if args.world > 1:
+        torch.distributed.destroy_process_group()
+    if len(arms) == 2 and args.rank == 0:
         return compare(arms, args)
     return arms
 
