@@ -56,6 +56,31 @@ def summarize(run, pauses):
     return dict(run=run, depth=args["depth"], seed=args["seed"], rows=rows)
 
 
+def across_seeds(summary, fmt):
+    """Per depth with more than one seed: at each N that every seed evaluated, the step ratios per seed, their mean
+    and spread (max - min), and the final gap (DAR - residual val loss) at the last N all seeds share."""
+    lines = []
+    for depth in sorted({s["depth"] for s in summary}):
+        runs = [s for s in summary if s["depth"] == depth]
+        if len(runs) < 2:
+            continue
+        by_step = [{r["step"]: r for r in s["rows"] if r["dar"] is not None} for s in runs]
+        shared = sorted(set.intersection(*(set(b) for b in by_step)))
+        lines += [f"## {depth} blocks, seeds {', '.join(str(s['seed']) for s in runs)}: the seed spread", "",
+                  "| residual step N | x fewer steps, per seed | mean | spread (max - min) | DAR - residual val loss, "
+                  "per seed |", "|---|---|---|---|---|"]
+        for n in shared:
+            ratios = [b[n]["step_ratio"] for b in by_step]
+            exact = all(b[n]["exact"] for b in by_step)
+            ok = [x for x in ratios if x is not None]
+            mean = sum(ok) / len(ok) if len(ok) == len(ratios) else None
+            lines.append(f"| {n} | {', '.join(('' if exact else '>=') + fmt(x, '.2f') for x in ratios)} | "
+                         f"{fmt(mean if exact else None, '.2f')} | {fmt(max(ok) - min(ok) if exact and mean else None, '.2f')} | "
+                         f"{', '.join(format(b[n]['dar'] - b[n]['residual'], '+.4f') for b in by_step)} |")
+        lines.append("")
+    return lines
+
+
 def main():
     """summary.json, summary.md and ratio.png of every run with both logs."""
     path = os.path.join(HERE, "pauses.jsonl")
@@ -79,6 +104,7 @@ def main():
                          f"{fmt(r['time_ratio'], '.2f')} | "
                          + (" ".join(f"{g:+.4f}" for g in r["per_t_gap"]) if r["per_t_gap"] else "-") + " |")
         lines.append("")
+    lines += across_seeds(summary, fmt)
     with open(os.path.join(HERE, "summary.md"), "w") as f:
         f.write("Written by results/long/summarize.py from the logs in results/long/.\n\n" + "\n".join(lines))
     print("\n".join(lines))
