@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dar_minimal import DiT, flow_matching_loss, sample
 
 PRESETS = {  # model, optimiser, length; evaluation: every eval_every steps on val_size images, grids every sample_every
-    "quick": dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, batch_size=64, lr=3e-4, ema_decay=0.999,
+    "quick": dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, batch_size=64, lr=1e-3, ema_decay=0.999,
                   steps=400, eval_every=100, val_size=200, sample_every=400),
     "tiny": dict(depth=8, hidden_size=128, num_heads=4, patch_size=4, batch_size=64, lr=3e-4, ema_decay=0.999,
                  steps=400, eval_every=50, val_size=1000, sample_every=200),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The quick start, three seeds (issue 17): residual vs DAR (static+t, chunk 4) at the `quick` preset (4 blocks,
-# width 128, patch 4, batch 64, AdamW 3e-4, EMA 0.999, 400 steps, 4 evaluations on 200 validation images, one
-# labelled sample grid at the end) on the built-in `shapes` data and on the CIFAR-10 JPEG copy, seeds 0, 1, 2.
+# width 128, batch 64, AdamW 1e-3, EMA 0.999, 400 steps, 4 evaluations on 200 validation images, one labelled
+# sample grid at the end) on the built-in `shapes` data (16 x 16, patch 2) and on the CIFAR-10 JPEG copy (32 x 32,
+# patch 4), seeds 0, 1, 2: 64 tokens either way.
 # Each run is the README's quick-start command with another seed. From the repository root, on a quiet machine
 # (the times are part of the result):
 #   bash results/quickstart/run.sh [DATA] [shapes|cifar ...]   DATA: the unpacked JPEG copy; default: unpacked to a temp dir
@@ -16,7 +17,7 @@ for data in ${*:-shapes cifar}; do
     for seed in 0 1 2; do
         o=$R/${data}_s$seed
         [ -f $o/compare.json ] && continue                                  # finished earlier
-        if [ $data = shapes ]; then src="--dataset shapes"; else
+        if [ $data = shapes ]; then src="--dataset shapes --image-size 16 --patch-size 2"; else
             src="--dataset folder --data-dir $d/train --val-dir $d/test"; fi
         SECONDS=0
         python train_cifar.py --preset quick $src --seed $seed --overwrite --out $o > $o.log 2>&1
