@@ -1,12 +1,13 @@
 """
 train_cifar.py: train a DiT with residual or DAR routing by flow matching, and compare the two side by side.
 
-    python train_cifar.py --preset tiny --dataset shapes --steps 600 --routing residual,dar   # CPU, minutes
-    python train_cifar.py --preset S --dataset cifar10 --routing residual,dar --precision bf16  # one GPU
+    python train_cifar.py --preset quick --dataset shapes --image-size 16 --patch-size 2   # CPU, five minutes
+    python train_cifar.py --preset S --dataset cifar10 --precision bf16                        # one GPU
+    torchrun --standalone --nproc_per_node 4 train_cifar.py --preset S --dataset cifar10 --precision bf16
 
 Both arms of a comparison see the same initial weights (the router is created last), the same data order and
 the same t, noise, flip and label-dropout draws: every random draw of training is a function of (seed, step),
-which also makes --resume exact. Evaluation uses the EMA weights, a fixed validation subset, a fixed grid of t
+made for the whole batch (each torchrun process takes its part), which also makes --resume exact. Evaluation uses the EMA weights, a fixed validation subset, a fixed grid of t
 and fixed noise, identical for every evaluation and both arms.
 """
 import argparse
