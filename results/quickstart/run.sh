@@ -6,21 +6,23 @@
 # Each run is the README's quick-start command with another seed. From the repository root, on a quiet machine
 # (the times are part of the result):
 #   bash results/quickstart/run.sh [DATA] [shapes|cifar ...]   DATA: the unpacked JPEG copy; default: unpacked to a temp dir
+# LR=3e-4 bash results/quickstart/run.sh ... : the same at another learning rate, into <data>_lr<LR>_s<seed>/.
 # then: python results/quickstart/summarize.py
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+LR=${LR:-}
 R=results/quickstart
 d=${1:-}
 if [ -z "$d" ]; then d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz -C "$d"; fi
 shift || true
 for data in ${*:-shapes cifar}; do
     for seed in 0 1 2; do
-        o=$R/${data}_s$seed
+        o=$R/${data}${LR:+_lr$LR}_s$seed
         [ -f $o/compare.json ] && continue                                  # finished earlier
         if [ $data = shapes ]; then src="--dataset shapes --image-size 16 --patch-size 2"; else
             src="--dataset folder --data-dir $d/train --val-dir $d/test"; fi
         SECONDS=0
-        python train_cifar.py --preset quick $src --seed $seed --overwrite --out $o > $o.log 2>&1
+        python train_cifar.py --preset quick $src ${LR:+--lr $LR} --seed $seed --overwrite --out $o > $o.log 2>&1
         echo "{\"wall_seconds\": $SECONDS}" > $o/wall.json                   # the whole command, start-up included
         rm -f $o/*/ckpt.pt                                                  # not committed
     done

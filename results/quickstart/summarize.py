@@ -25,7 +25,7 @@ def fmt(s, digits=2):
 
 rows = []
 for path in sorted(glob.glob(f"{R}/*_s*/compare.json")):
-    data, seed = re.search(r"(\w+)_s(\d+)/compare.json", path).groups()
+    data, seed = re.search(r"([\w.-]+?)_s(\d+)/compare.json", path).groups()
     c = json.load(open(path))
     wall = os.path.join(os.path.dirname(path), "wall.json")
     res, dar = c["arms"]["residual"], c["arms"]["dar"]
