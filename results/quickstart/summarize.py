@@ -23,6 +23,21 @@ def fmt(s, digits=2):
     return "-" if s is None else f"{s[0]:.{digits}f} ({s[1]:.{digits}f}-{s[2]:.{digits}f})"
 
 
+def ratio_at_each_evaluation(res, dar):
+    """For each evaluation N of the residual arm: N / (DAR's steps to the residual's loss at N), interpolated between
+    DAR's evaluations; None where DAR never got there, a lower bound ('>=') where it was already below at its first."""
+    out = []
+    for n, target in zip(res["steps"], res["val_loss"]):
+        got, prev = None, None
+        for m, v in zip(dar["steps"], dar["val_loss"]):
+            if v <= target:
+                got = (m, False) if prev is None else (prev[0] + (prev[1] - target) / (prev[1] - v) * (m - prev[0]), True)
+                break
+            prev = (m, v)
+        out.append(None if got is None else dict(ratio=n / got[0], exact=got[1]))
+    return out
+
+
 rows = []
 for path in sorted(glob.glob(f"{R}/*_s*/compare.json")):
     data, seed = re.search(r"([\w.-]+?)_s(\d+)/compare.json", path).groups()
@@ -32,7 +47,8 @@ for path in sorted(glob.glob(f"{R}/*_s*/compare.json")):
     rows.append(dict(data=data, seed=int(seed), steps=c["residual_final_step"],
                      residual_val=res["final_val_loss"], dar_val=dar["final_val_loss"],
                      speedup_in_steps=c["speedup_in_steps"], speedup_in_train_time=c["speedup_in_train_time"],
-                     residual_val_curve=res["val_loss"], dar_val_curve=dar["val_loss"],
+                     residual_val_curve=res["val_loss"], dar_val_curve=dar["val_loss"], eval_steps=res["steps"],
+                     ratio_at_each_evaluation=ratio_at_each_evaluation(res, dar),
                      train_seconds=res["train_seconds"] + dar["train_seconds"],
                      eval_seconds=res["eval_seconds"] + dar["eval_seconds"],
                      wall_seconds=json.load(open(wall))["wall_seconds"] if os.path.exists(wall) else None,
@@ -66,6 +82,21 @@ for r in rows:
     lines.append(f"| {r['data']} | {r['seed']} | {', '.join(f'{v:.4f}' for v in r['residual_val_curve'])} | "
                  f"{', '.join(f'{v:.4f}' for v in r['dar_val_curve'])} | {f(r['speedup_in_steps'])} | "
                  f"{f(r['speedup_in_train_time'])} | {r['wall_seconds']} |")
+lines += ["", "DAR: x fewer steps to the residual's loss at each of its evaluations N (mean over seeds, '>=' a lower "
+          "bound: DAR below it at its first evaluation; '-' where DAR did not get there in some seed):", "",
+          "| data | " + " | ".join(f"N = {n}" for n in rows[0]["eval_steps"]) + " |",
+          "|---|" + "---|" * len(rows[0]["eval_steps"])]
+for data, s in summary.items():
+    cells = []
+    for k in range(len(s["runs"][0]["eval_steps"])):
+        got = [r["ratio_at_each_evaluation"][k] for r in s["runs"]]
+        if any(g is None for g in got):
+            cells.append("-")
+        else:
+            mean = statistics.mean(g["ratio"] for g in got)
+            cells.append(("" if all(g["exact"] for g in got) else ">=") + f"{mean:.2f} "
+                         f"({min(g['ratio'] for g in got):.2f}-{max(g['ratio'] for g in got):.2f})")
+    lines.append(f"| {data} | " + " | ".join(cells) + " |")
 lines += ["", f"Machine: {rows[0]['machine'] if rows else '-'}"]
 open(f"{R}/summary.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
