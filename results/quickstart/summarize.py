@@ -67,7 +67,7 @@ for data in sorted({r["data"] for r in rows}):
                          reached_in_time=sum(r["speedup_in_train_time"] is not None for r in rs))
 json.dump(summary, open(f"{R}/summary.json", "w"), indent=1)
 lines = ["| data | seeds | final val loss, residual | DAR | DAR - residual | x fewer steps | x less training time | "
-         "whole command, s | evaluation share |", "|---|---|---|---|---|---|---|---|---|"]
+         "whole command, s (two runs at once, one thread each) | evaluation share |", "|---|---|---|---|---|---|---|---|---|"]
 for data, s in summary.items():
     lines.append(f"| {data} | {len(s['seeds'])} | {fmt(s['residual_val'], 4)} | {fmt(s['dar_val'], 4)} | "
                  f"{fmt(s['dar_minus_residual'], 4)} | {fmt(s['speedup_in_steps'])} ({s['reached_in_steps']} of "
@@ -97,6 +97,9 @@ for data, s in summary.items():
             cells.append(("" if all(g["exact"] for g in got) else ">=") + f"{mean:.2f} "
                          f"({min(g['ratio'] for g in got):.2f}-{max(g['ratio'] for g in got):.2f})")
     lines.append(f"| {data} | " + " | ".join(cells) + " |")
+for path in sorted(glob.glob(f"{R}/timed/*.json")):                    # the README's commands, alone, as written
+    t = json.load(open(path))
+    lines += ["", f"Timed alone, as written (`{os.path.relpath(path)}`): `{t['command']}`: {t['wall_seconds']} s"]
 lines += ["", f"Machine: {rows[0]['machine'] if rows else '-'}"]
 open(f"{R}/summary.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
