@@ -622,7 +622,7 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             raise FloatingPointError(f"[{routing}] non-finite loss at step {step - len(pending) + int(bad[0]) + 1}; "
-                               f"stopped. The last good checkpoint is {ckpt_path} (if one was written).")
+                                     f"stopped. The last good checkpoint is {ckpt_path} (if one was written).")
         return losses.mean().item()
 
     for step in range(start, args.steps):
