@@ -18,12 +18,17 @@ def evals(run, arm, pauses):
     """The eval records of one arm, train_seconds without the recorded pauses before each."""
     with open(os.path.join(HERE, run, arm, "log.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    out = []
-    for r in records:
-        if r["kind"] == "eval":
-            paused = sum(p["seconds"] for p in pauses if p["run"] == run and p["last_logged_step"][arm] < r["step"])
-            out.append(dict(r, train_seconds=r["train_seconds"] - paused))
-    return out
+    ev = [r for r in records if r["kind"] == "eval"]
+    gaps = sorted(b["train_seconds"] - a["train_seconds"] for a, b in zip(ev, ev[1:]))
+    typical = gaps[len(gaps) // 2] if gaps else 0
+    in_training = []                   # a pause counts only if it fell into training, not into an evaluation:
+    for p in (p for p in pauses if p["run"] == run):   # then the gap between the evaluations around it holds it
+        last = p["last_logged_step"][arm]
+        around = [(a, b) for a, b in zip(ev, ev[1:]) if a["step"] <= last < b["step"]]
+        if around and around[0][1]["train_seconds"] - around[0][0]["train_seconds"] - p["seconds"] > typical / 2:
+            in_training.append(p)
+    return [dict(r, train_seconds=r["train_seconds"] - sum(p["seconds"] for p in in_training
+                                                            if p["last_logged_step"][arm] < r["step"])) for r in ev]
 
 
 def reach(curve, target, key):
