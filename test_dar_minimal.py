@@ -473,7 +473,9 @@ def test_presets_keep_evaluation_cheap_and_grids_name_their_classes(tmp_path):
     quick = train_cifar.parse_args(["--preset", "quick", "--device", "cpu"])
     assert (quick.steps, quick.eval_every, quick.val_size, quick.sample_every) == (400, 100, 200, 400)
     longer = train_cifar.parse_args(["--preset", "quick", "--steps", "1000", "--device", "cpu"])
-    assert (longer.eval_every, longer.sample_every) == (250, 500)
+    assert (longer.eval_every, longer.sample_every) == (250, 1000)                 # grids at the end, as the preset
+    tiny = train_cifar.parse_args(["--preset", "tiny", "--steps", "1000", "--device", "cpu"])
+    assert (tiny.eval_every, tiny.sample_every) == (250, 500)                        # and halfway, as the tiny preset
     from PIL import Image
     train_cifar.save_grid(torch.zeros(20, 3, 16, 16), str(tmp_path / "g.png"), names=["a", "b", "c", "d", "e"])
     img = Image.open(tmp_path / "g.png")
@@ -600,6 +602,11 @@ def test_shapes_are_deterministic_and_classes_differ():
     means = torch.stack([x1[y1 == k].float().mean(0) for k in range(10)])           # class-mean images
     distances = torch.cdist(means.flatten(1), means.flatten(1))
     assert distances[~torch.eye(10, dtype=torch.bool)].min() > 100                    # every pair of classes differs
+    silhouette = (x1.max(1).values > 80).float()                  # the object, whatever its colour (background <= 64)
+    assert (silhouette[:, [0, -1]][:, :, [0, -1]] == 0).all()                        # it stays clear of the corners
+    outlines = torch.stack([silhouette[y1 == k].mean(0) for k in range(10)]).flatten(1)
+    differ = torch.cdist(outlines, outlines, p=1)                         # pixels by which class outlines differ
+    assert differ[~torch.eye(10, dtype=torch.bool)].min() > 8                          # also by shape, not only colour
 
 
 def test_frechet_distance_matches_the_closed_form():

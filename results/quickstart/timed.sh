@@ -6,7 +6,7 @@
 set -euo pipefail
 R=results/quickstart/timed
 mkdir -p $R
-if [ "$1" = shapes ]; then src="--dataset shapes --image-size 16 --patch-size 2"; else src="--dataset folder --data-dir $2/train --val-dir $2/test"; fi
+if [ "$1" = shapes ]; then src="--dataset shapes --image-size 16 --patch-size 2 --batch-size 32 --steps 800 --lr 2e-3"; else src="--dataset folder --data-dir $2/train --val-dir $2/test"; fi
 SECONDS=0
 python train_cifar.py --preset quick $src --overwrite --out $R/$1 2>&1 | tee $R/$1.log
 echo "{\"wall_seconds\": $SECONDS, \"command\": \"python train_cifar.py --preset quick $src\"}" > $R/$1.json
