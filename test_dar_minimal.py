@@ -574,6 +574,33 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_an_interrupted_run_resumes_with_its_training_time(tmp_path, monkeypatch):
+    """The checkpoint carries the seconds spent so far, so that training times stay cumulative across a crash."""
+    import time
+    calls = []
+
+    def slow_then_crash(*args, **kwargs):
+        if not torch.is_grad_enabled():                                   # an evaluation
+            return flow_matching_loss(*args, **kwargs)
+        calls.append(1)
+        time.sleep(0.3)                                                   # 0.3 s of "training" per step
+        loss = flow_matching_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 4 else loss
+    monkeypatch.setattr(train_cifar, "flow_matching_loss", slow_then_crash)
+    with pytest.raises(FloatingPointError):
+        run(tmp_path, "--routing", "residual", "--steps", "6", "--ckpt-every", "2", "--eval-every", "2")
+    spent = torch.load(os.path.join(tmp_path, "run", "residual", "ckpt.pt"), weights_only=True)["seconds"]
+    assert spent["train"] >= 0.6 and spent["eval"] > 0                  # two slow steps, one evaluation
+    monkeypatch.setattr(train_cifar, "flow_matching_loss", flow_matching_loss)
+    out = run(tmp_path, "--routing", "residual", "--steps", "6", "--ckpt-every", "2", "--eval-every", "2", "--resume")
+    records = read_log(os.path.join(out, "residual", "log.jsonl"))
+    seconds = [r["train_seconds"] for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4, 6] and seconds == sorted(seconds)
+    done = [r for r in records if r["kind"] == "done"]
+    assert len(done) == 1 and done[0]["train_seconds"] >= seconds[-1] >= spent["train"]
+    assert done[0]["eval_seconds"] > spent["eval"]
+
+
 def test_torchrun_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
     """2 x 4 samples per step under torchrun (DDP, gloo) = 1 x 8: same draws per sample, gradients averaged."""
     import subprocess

@@ -572,7 +572,7 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
     model = DiT(**config).to(args.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    ckpt_path, start = os.path.join(arm_dir, "ckpt.pt"), 0
+    ckpt_path, start, spent = os.path.join(arm_dir, "ckpt.pt"), 0, dict(train=0.0, eval=0.0)
     resume = args.resume and os.path.exists(ckpt_path)              # prepare_out has checked that it may
     if resume:
         ckpt = load_checkpoint(ckpt_path, args.device)
@@ -583,7 +583,7 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
+        start, spent = ckpt["step"], ckpt.get("seconds", dict(train=0.0, eval=0.0))   # training and evaluation so far
         if start == args.steps:
             print(f"[{routing}] {ckpt_path} is already at step {start}: nothing to train")
             return Log.read(os.path.join(arm_dir, "log.jsonl"))
@@ -600,7 +600,6 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
     mine = slice(args.rank * (B // args.world), (args.rank + 1) * (B // args.world))   # this process's part of a batch
     steps_per_epoch = max(1, n // B)
     pending, order, eval_time, t_start, last = [], None, 0.0, time.time(), (start, time.time())
-    earlier = sum(r["train_seconds"] for r in log.records if r["kind"] == "done")   # finished segments before a resume
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=routing, dynamic_ncols=True,
                disable=None if main_process else True)
 
@@ -661,19 +660,20 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
         if main_process and evaluate_now:
             t_eval = time.time()
             record = evaluate(ema, data, args, done, log, arm_dir, fid_ref,
-                              train_seconds=earlier + time.time() - t_start - eval_time)
+                              train_seconds=spent["train"] + time.time() - t_start - eval_time)
             eval_time += time.time() - t_eval
             tqdm.write(f"[{routing}] step {done}: val loss {record['val_loss']:.4f}"
                        + (f", FID {record['fid']:.2f}" if "fid" in record else ""))
             last = (done, time.time())                                                 # keep eval out of the rates
         if main_process and save_now:
             save_checkpoint(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
-                                 config=config, seed=args.seed,
+                                 config=config, seed=args.seed, seconds=dict(train=spent["train"] + time.time()
+                                 - t_start - eval_time, eval=spent["eval"] + eval_time),
                                  data_position=dict(epoch=epoch, index_in_epoch=i + 1)), ckpt_path)
         bar.update(1)
     bar.close()
-    log.write(kind="done", step=args.steps, train_seconds=time.time() - t_start - eval_time, eval_seconds=eval_time,
-              device=machine(), resumed_from=start)
+    log.write(kind="done", step=args.steps, train_seconds=spent["train"] + time.time() - t_start - eval_time,
+              eval_seconds=spent["eval"] + eval_time, device=machine(), resumed_from=start)    # totals, all segments
     return log.records
 
 
@@ -819,8 +819,8 @@ def compare(records, args):
         arms={k: dict(steps=[r["step"] for r in v], val_loss=[r["val_loss"] for r in v],
                       train_seconds_at_eval=[r.get("train_seconds") for r in v],
                       val_loss_per_t=[r["val_loss_per_t"] for r in v], final_val_loss=v[-1]["val_loss"],
-                      train_seconds=sum(r["train_seconds"] for r in done[k]) if done[k] else None,  # all segments
-                      eval_seconds=sum(r.get("eval_seconds", 0) for r in done[k]) if done[k] else None,
+                      train_seconds=done[k][-1]["train_seconds"] if done[k] else None,      # all segments
+                      eval_seconds=done[k][-1].get("eval_seconds") if done[k] else None,
                       **({"fid": [r.get("fid") for r in v]} if any("fid" in r for r in v) else {}))
               for k, v in arms.items()},
         residual_final_step=res[-1]["step"], residual_final_val_loss=target,
