@@ -6,7 +6,9 @@ For every evaluation step N of the residual arm: how many steps DAR needed to re
 loss at N (linear interpolation between DAR's evaluations; '>' when DAR was already below it at its first
 evaluation, None when it never got there), the ratio N / those steps (above 1: DAR ahead), and the same in training
 time. Training times exclude evaluation, and the pauses recorded in pauses.jsonl (when the runs were stopped so that
-a benchmark could time a quiet machine).
+a benchmark could time a quiet machine). An arm that was restarted with more threads (restarts.jsonl: after the other
+arm had finished, so that the run ends within a session) has no comparable training time after that step: from
+there its time ratios are left out.
 """
 import json
 import os
@@ -44,13 +46,16 @@ def reach(curve, target, key):
     return None, True
 
 
-def summarize(run, pauses):
+def summarize(run, pauses, restarts):
     """Per evaluation of the residual arm: both losses, DAR's steps and seconds to the residual's loss, ratios."""
     res, dar = evals(run, "residual", pauses), evals(run, "dar", pauses)
+    timed = lambda arm, ev: [r for r in ev if all(r["step"] <= x["step"] for x in restarts
+                                                  if x["run"] == run and x["arm"] == arm)]
+    res, dar_timed = timed("residual", res), timed("dar", dar)
     rows = []
-    for r in res:
+    for r in evals(run, "residual", pauses):
         steps, exact = reach(dar, r["val_loss"], "step")
-        secs, _ = reach(dar, r["val_loss"], "train_seconds")
+        secs, _ = reach(dar_timed, r["val_loss"], "train_seconds") if r in res else (None, None)
         d = next((x for x in dar if x["step"] == r["step"]), None)
         rows.append(dict(step=r["step"], residual=r["val_loss"], dar=d and d["val_loss"], dar_steps=steps,
                          exact=exact, step_ratio=r["step"] / steps if steps else None,
@@ -90,9 +95,11 @@ def main():
     """summary.json, summary.md and ratio.png of every run with both logs."""
     path = os.path.join(HERE, "pauses.jsonl")
     pauses = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    path = os.path.join(HERE, "restarts.jsonl")
+    restarts = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     runs = sorted(d for d in os.listdir(HERE) if os.path.exists(os.path.join(HERE, d, "dar", "log.jsonl"))
                   and os.path.exists(os.path.join(HERE, d, "residual", "log.jsonl")))
-    summary = [summarize(run, pauses) for run in runs]
+    summary = [summarize(run, pauses, restarts) for run in runs]
     with open(os.path.join(HERE, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     fmt = lambda v, f: "-" if v is None else format(v, f)
