@@ -802,7 +802,7 @@ def steps_to_reach(evals, target, key="step"):
 
 
 LONG_RUNS = ("A lead early in training need not last: in the long runs on CIFAR-10 (README, 'Does the lead last?') "
-             "DAR's lead at 8 blocks faded by about 4,000 steps and it was slightly behind after.")
+             "DAR's lead faded by about 4,000 steps at 8 blocks and by about 2,200 at 12, and DAR was behind after.")
 
 
 def compare(records, args):
