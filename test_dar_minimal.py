@@ -580,7 +580,8 @@ def test_an_interrupted_run_resumes_with_its_training_time(tmp_path, monkeypatch
     calls = []
 
     def slow_then_crash(*args, **kwargs):
-        if not torch.is_grad_enabled():                                   # an evaluation
+        if not torch.is_grad_enabled():                                   # an evaluation: slow too
+            time.sleep(0.1)
             return flow_matching_loss(*args, **kwargs)
         calls.append(1)
         time.sleep(0.3)                                                   # 0.3 s of "training" per step
@@ -590,7 +591,7 @@ def test_an_interrupted_run_resumes_with_its_training_time(tmp_path, monkeypatch
     with pytest.raises(FloatingPointError):
         run(tmp_path, "--routing", "residual", "--steps", "6", "--ckpt-every", "2", "--eval-every", "2")
     spent = torch.load(os.path.join(tmp_path, "run", "residual", "ckpt.pt"), weights_only=True)["seconds"]
-    assert spent["train"] >= 0.6 and spent["eval"] > 0                  # two slow steps, one evaluation
+    assert spent["train"] >= 0.6 and spent["eval"] >= 0.1                # two slow steps, one slow evaluation
     monkeypatch.setattr(train_cifar, "flow_matching_loss", flow_matching_loss)
     out = run(tmp_path, "--routing", "residual", "--steps", "6", "--ckpt-every", "2", "--eval-every", "2", "--resume")
     records = read_log(os.path.join(out, "residual", "log.jsonl"))
@@ -598,7 +599,7 @@ def test_an_interrupted_run_resumes_with_its_training_time(tmp_path, monkeypatch
     assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4, 6] and seconds == sorted(seconds)
     done = [r for r in records if r["kind"] == "done"]
     assert len(done) == 1 and done[0]["train_seconds"] >= seconds[-1] >= spent["train"]
-    assert done[0]["eval_seconds"] > spent["eval"]
+    assert done[0]["eval_seconds"] >= spent["eval"]                       # the fast evaluations after it add to it
 
 
 def test_torchrun_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):

@@ -51,11 +51,11 @@ def summarize(run, pauses, restarts):
     res, dar = evals(run, "residual", pauses), evals(run, "dar", pauses)
     timed = lambda arm, ev: [r for r in ev if all(r["step"] <= x["step"] for x in restarts
                                                   if x["run"] == run and x["arm"] == arm)]
-    res, dar_timed = timed("residual", res), timed("dar", dar)
+    res_timed, dar_timed = timed("residual", res), timed("dar", dar)
     rows = []
-    for r in evals(run, "residual", pauses):
+    for r in res:
         steps, exact = reach(dar, r["val_loss"], "step")
-        secs, _ = reach(dar_timed, r["val_loss"], "train_seconds") if r in res else (None, None)
+        secs = reach(dar_timed, r["val_loss"], "train_seconds")[0] if r in res_timed else None
         d = next((x for x in dar if x["step"] == r["step"]), None)
         rows.append(dict(step=r["step"], residual=r["val_loss"], dar=d and d["val_loss"], dar_steps=steps,
                          exact=exact, step_ratio=r["step"] / steps if steps else None,
