@@ -1,6 +1,6 @@
 """
 summarize.py: does DAR's lead last? Reads the long runs' logs (results/long/<run>/<arm>/log.jsonl) and writes
-summary.json, summary.md and ratio.png next to them.
+summary.json, summary.md, readme_table.md (the README's table) and ratio.png next to them.
 
 For every evaluation step N of the residual arm: how many steps DAR needed to reach the residual arm's validation
 loss at N (linear interpolation between DAR's evaluations; '>' when DAR was already below it at its first
@@ -91,8 +91,26 @@ def across_seeds(summary, fmt):
     return lines
 
 
+def readme_table(summary, fmt):
+    """The README's table: one column per residual step N, rows per run for the step ratio, the val-loss gap (DAR -
+    residual) and the time ratio; runs by depth, then seed."""
+    runs = sorted(summary, key=lambda s: (s["depth"], s["seed"]))
+    steps = sorted({r["step"] for s in runs for r in s["rows"]})
+    lines = ["| residual step N | " + " | ".join(f"{n:,}" for n in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    bound = lambda r: "" if r["exact"] else ">="
+    cells = [("DAR x fewer steps to residual@N", lambda r: r["step_ratio"] and bound(r) + fmt(r["step_ratio"], ".2f")),
+             ("DAR - residual val loss", lambda r: r["dar"] is not None and format(r["dar"] - r["residual"], "+.4f")),
+             ("DAR x less training time", lambda r: r["time_ratio"] and bound(r) + fmt(r["time_ratio"], ".2f"))]
+    for name, cell in cells:
+        for s in runs:
+            by_step = {r["step"]: cell(r) for r in s["rows"]}
+            lines.append(f"| {s['depth']} blocks, seed {s['seed']}: {name} | "
+                         + " | ".join(by_step.get(n) or "-" for n in steps) + " |")
+    return lines
+
+
 def main():
-    """summary.json, summary.md and ratio.png of every run with both logs."""
+    """summary.json, summary.md, readme_table.md and ratio.png of every run with both logs."""
     path = os.path.join(HERE, "pauses.jsonl")
     pauses = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     path = os.path.join(HERE, "restarts.jsonl")
@@ -120,6 +138,8 @@ def main():
     with open(os.path.join(HERE, "summary.md"), "w") as f:
         f.write("Written by results/long/summarize.py from the logs in results/long/.\n\n" + "\n".join(lines))
     print("\n".join(lines))
+    with open(os.path.join(HERE, "readme_table.md"), "w") as f:
+        f.write("\n".join(readme_table(summary, fmt)) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
