@@ -469,6 +469,18 @@ def test_comparison_summary_says_what_happened(tmp_path, capsys):
     assert "in training time: not within the residual's 40 s" in text
 
 
+def test_the_learning_rate_warms_up_then_stays_or_decays_to_a_tenth():
+    parse = lambda *extra: train_cifar.parse_args(["--steps", "111", "--warmup", "10", "--lr", "1e-3", *extra])
+    lr = lambda args: [train_cifar.learning_rate(step, args) for step in range(args.steps)]
+    constant, cosine = lr(parse()), lr(parse("--lr-schedule", "cosine"))
+    assert constant[:10] == cosine[:10] == pytest.approx([k * 1e-4 for k in range(1, 11)])     # linear warm-up
+    assert constant[10:] == [1e-3] * 101                                                       # DiT, SiT: constant
+    assert cosine[10] == pytest.approx(1e-3) and cosine[60] == pytest.approx(0.55e-3)           # half-way: the mean
+    assert cosine[-1] == pytest.approx(1e-4) and all(a > b for a, b in zip(cosine[10:], cosine[11:]))
+    with pytest.raises(SystemExit):
+        parse("--lr-schedule", "linear")
+
+
 def test_presets_keep_evaluation_cheap_and_grids_name_their_classes(tmp_path):
     quick = train_cifar.parse_args(["--preset", "quick", "--device", "cpu"])
     assert (quick.steps, quick.eval_every, quick.val_size, quick.sample_every) == (400, 100, 200, 400)

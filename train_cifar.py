@@ -60,6 +60,8 @@ def parse_args(argv=None):
     a("--dar-query", default="static_t", choices=["static", "static_t", "dynamic"])
     a("--dar-chunk", type=int, default=4)
     a("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
+    a("--lr-schedule", default="constant", choices=["constant", "cosine"],
+      help="after the warm-up: constant (as DiT and SiT), or cosine decay to lr/10 at --steps (as nanoGPT)")
     a("--grad-clip", type=float, default=1.0)
     a("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     a("--t-sampling", default="uniform", choices=["uniform", "logit_normal"])
@@ -555,6 +557,16 @@ class DistributedDiT(torch.nn.parallel.DistributedDataParallel):
             return getattr(self.module, name)
 
 
+def learning_rate(step, args):
+    """The learning rate of a step: linear warm-up over --warmup steps, then constant or cosine decay to lr/10."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup) / max(1, args.steps - 1 - args.warmup)            # 0 .. 1 at the last step
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
 def step_draws(B, shape, g, args):
     """The random draws of one training step for the whole batch, in a fixed order: flips, t, noise (the label-drop
     draws follow inside flow_matching_loss). Each process takes its part, so N x B/N sees what 1 x B sees."""
@@ -631,7 +643,7 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
         y = data["train_y"][idx].to(args.device)
         if args.rank:                             # skip the label-drop draws of the processes before this one
             torch.rand(args.rank * len(idx), device=args.device, generator=g)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+        lr = learning_rate(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()

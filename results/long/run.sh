@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Does DAR's lead last? (issue 18) Long runs on the 2-core CPU: residual vs DAR (static+t, chunk 4) at the tiny
-# width (128, patch 4, batch 64, AdamW 3e-4 constant, EMA 0.999), on the CIFAR-10 JPEG copy. Validation every 500
-# steps: EMA weights, the same 2,000 random test images, fixed noise, 8 fixed t. Both arms of a run train side by
-# side, one thread each. Every run continues (--resume auto) from its last checkpoint (every 500 steps), so the script
-# can be stopped (kill) and started again at any time; finished runs are skipped. From the repository root:
+# width (128, patch 4, batch 64, EMA 0.999, AdamW 3e-4 constant; d8_s0_cos: 500 warm-up steps, then cosine decay to
+# 3e-5), on the CIFAR-10 JPEG copy. Validation every 500 steps: EMA weights, the same 2,000 random test images, fixed
+# noise, 8 fixed t. Both arms of a run train side by side, one thread each. Every run continues (--resume auto) from
+# its last checkpoint (every 500 steps), so the script can be stopped (kill) and started again at any time; finished
+# runs are skipped. From the repository root:
 #   bash results/long/run.sh [DATA [RUN...]]   DATA: the unpacked JPEG copy (train/ and test/); default: unpacked to a
 #                                               temp dir. RUN: names from the list below (default: all, in that order)
 # Runs go to runs/long/<run>/<arm>/ (checkpoints stay uncommitted); logs are copied to results/long/<run>/.
@@ -12,11 +13,12 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 R=results/long
 d=${1:-}
 if [ -z "$d" ]; then d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz -C "$d"; fi
-all=("d8_s0 8 0 8000" "d12_s0 12 0 6000" "d8_s1 8 1 8000" "d4_s1 4 1 8000")
+all=("d8_s0 8 0 8000" "d12_s0 12 0 6000" "d8_s1 8 1 8000" "d4_s1 4 1 8000"
+     "d8_s0_cos 8 0 8000 --warmup 500 --lr-schedule cosine")     # the same with a decaying schedule
 shift || true
-want=" ${*:-d8_s0 d12_s0 d8_s1 d4_s1} "
+want=" ${*:-d8_s0 d12_s0 d8_s1 d4_s1 d8_s0_cos} "
 for run in "${all[@]}"; do
-    set -- $run; name=$1 depth=$2 seed=$3 steps=$4
+    set -- $run; name=$1 depth=$2 seed=$3 steps=$4; shift 4       # what is left: options of this run
     [[ $want == *" $name "* ]] || continue
     o=runs/long/$name
     finished() { grep -q "\"kind\": \"done\", \"step\": $steps," $R/$name/$1/log.jsonl 2>/dev/null; }
@@ -25,7 +27,7 @@ for run in "${all[@]}"; do
     for arm in residual dar; do
         python train_cifar.py --preset tiny --depth $depth --seed $seed --routing $arm --dataset folder \
             --data-dir "$d/train" --val-dir "$d/test" --val-size 2000 --steps $steps --eval-every 500 \
-            --ckpt-every 500 --log-every 100 --sample-steps 10 --resume auto --out $o > $o/$arm.log 2>&1 &
+            --ckpt-every 500 --log-every 100 --sample-steps 10 --resume auto --out $o "$@" > $o/$arm.log 2>&1 &
     done
     wait
     for arm in residual dar; do mkdir -p $R/$name/$arm; cp $o/$arm/log.jsonl $o/$arm/config.json $R/$name/$arm/; done

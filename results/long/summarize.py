@@ -6,9 +6,9 @@ For every evaluation step N of the residual arm: how many steps DAR needed to re
 loss at N (linear interpolation between DAR's evaluations; '>' when DAR was already below it at its first
 evaluation, None when it never got there), the ratio N / those steps (above 1: DAR ahead), and the same in training
 time. Training times exclude evaluation, and the pauses recorded in pauses.jsonl (when the runs were stopped so that
-a benchmark could time a quiet machine). An arm that was restarted with more threads (restarts.jsonl: after the other
-arm had finished, so that the run ends within a session) has no comparable training time after that step: from
-there its time ratios are left out.
+a benchmark could time a quiet machine). After the other arm had finished, an arm ran on other terms (restarts.jsonl:
+continued with more threads so that the run ends within a session, or sharing the cores with the next run): it has
+no comparable training time after that step, and from there its time ratios are left out.
 """
 import json
 import os
@@ -63,20 +63,24 @@ def summarize(run, pauses, restarts):
                          per_t_gap=d and [a - b for a, b in zip(r["val_loss_per_t"], d["val_loss_per_t"])]))
     with open(os.path.join(HERE, run, "dar", "config.json")) as f:
         args = json.load(f)["args"]
-    return dict(run=run, depth=args["depth"], seed=args["seed"], rows=rows)
+    cosine = args.get("lr_schedule", "constant") == "cosine"           # runs from before the option: constant
+    label = f"{args['depth']} blocks, seed {args['seed']}" + (f", warm-up {args['warmup']} + cosine" if cosine else "")
+    return dict(run=run, depth=args["depth"], seed=args["seed"], schedule="cosine" if cosine else "constant",
+                label=label, rows=rows)
 
 
 def across_seeds(summary, fmt):
-    """Per depth with more than one seed: at each N that every seed evaluated, the step ratios per seed, their mean
+    """Per depth (and schedule) with more than one seed: at each N that every seed evaluated, the step ratios per seed, their mean
     and spread (max - min), and the final gap (DAR - residual val loss) at the last N all seeds share."""
     lines = []
-    for depth in sorted({s["depth"] for s in summary}):
-        runs = [s for s in summary if s["depth"] == depth]
+    for depth, schedule in sorted({(s["depth"], s["schedule"]) for s in summary}):
+        runs = [s for s in summary if (s["depth"], s["schedule"]) == (depth, schedule)]
         if len(runs) < 2:
             continue
         by_step = [{r["step"]: r for r in s["rows"] if r["dar"] is not None} for s in runs]
         shared = sorted(set.intersection(*(set(b) for b in by_step)))
-        lines += [f"## {depth} blocks, seeds {', '.join(str(s['seed']) for s in runs)}: the seed spread", "",
+        lines += [f"## {depth} blocks{'' if schedule == 'constant' else ', ' + schedule}, seeds "
+                  f"{', '.join(str(s['seed']) for s in runs)}: the seed spread", "",
                   "| residual step N | x fewer steps, per seed | mean | spread (max - min) | DAR - residual val loss, "
                   "per seed |", "|---|---|---|---|---|"]
         for n in shared:
@@ -94,7 +98,7 @@ def across_seeds(summary, fmt):
 def readme_table(summary, fmt):
     """The README's table: one column per residual step N, rows per run for the step ratio, the val-loss gap (DAR -
     residual) and the time ratio; runs by depth, then seed."""
-    runs = sorted(summary, key=lambda s: (s["depth"], s["seed"]))
+    runs = sorted(summary, key=lambda s: (s["schedule"], s["depth"], s["seed"]))
     steps = sorted({r["step"] for s in runs for r in s["rows"]})
     lines = ["| residual step N | " + " | ".join(f"{n:,}" for n in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     bound = lambda r: "" if r["exact"] else ">="
@@ -104,7 +108,7 @@ def readme_table(summary, fmt):
     for name, cell in cells:
         for s in runs:
             by_step = {r["step"]: cell(r) for r in s["rows"]}
-            lines.append(f"| {s['depth']} blocks, seed {s['seed']}: {name} | "
+            lines.append(f"| {s['label']}: {name} | "
                          + " | ".join(by_step.get(n) or "-" for n in steps) + " |")
     return lines
 
@@ -123,7 +127,7 @@ def main():
     fmt = lambda v, f: "-" if v is None else format(v, f)
     lines = []
     for s in summary:
-        lines += [f"## {s['depth']} blocks, seed {s['seed']} ({s['run']})", "",
+        lines += [f"## {s['label']} ({s['run']})", "",
                   "| residual step N | residual val loss | DAR val loss | DAR steps to residual@N | x fewer steps "
                   "| x less training time | per-t gap, residual - DAR (t = 1/16 .. 15/16) |",
                   "|---|---|---|---|---|---|---|"]
@@ -150,7 +154,7 @@ def main():
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for s in summary:
         pts = [(r["step"], r["step_ratio"]) for r in s["rows"] if r["step_ratio"] and r["exact"]]
-        ax.plot(*zip(*pts), marker="o", label=f"{s['depth']} blocks, seed {s['seed']}")
+        ax.plot(*zip(*pts), marker="o", label=s["label"])
     ax.axhline(1, color="gray", lw=0.8, ls="--")
     ax.set(xlabel="training length: residual step N", ylabel="DAR: x fewer steps to the residual's loss at N",
            title="Does DAR's lead last? (CIFAR-10 JPEG copy, width 128)")
