@@ -814,7 +814,8 @@ def steps_to_reach(evals, target, key="step"):
 
 
 LONG_RUNS = ("A lead early in training need not last: in the long runs on CIFAR-10 (README, 'Does the lead last?') "
-             "DAR's lead faded by about 4,000 steps at 8 blocks and by about 2,200 at 12, and DAR was behind after.")
+             "DAR's lead was gone by about 4,000 steps at 8 blocks (level after, two seeds) and by about 2,200 at 12 "
+             "(behind after, one seed).")
 
 
 def compare(records, args):
