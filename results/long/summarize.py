@@ -70,8 +70,8 @@ def summarize(run, pauses, restarts):
 
 
 def across_seeds(summary, fmt):
-    """Per depth (and schedule) with more than one seed: at each N that every seed evaluated, the step ratios per seed, their mean
-    and spread (max - min), and the final gap (DAR - residual val loss) at the last N all seeds share."""
+    """Per depth and schedule with more than one seed: at each N that every seed evaluated, the step ratios per seed,
+    their mean and spread (max - min), and the gap (DAR - residual val loss) per seed."""
     lines = []
     for depth, schedule in sorted({(s["depth"], s["schedule"]) for s in summary}):
         runs = [s for s in summary if (s["depth"], s["schedule"]) == (depth, schedule)]
@@ -97,7 +97,7 @@ def across_seeds(summary, fmt):
 
 def readme_table(summary, fmt):
     """The README's table: one column per residual step N, rows per run for the step ratio, the val-loss gap (DAR -
-    residual) and the time ratio; runs by depth, then seed."""
+    residual) and the time ratio; runs by schedule (constant first), depth, seed."""
     runs = sorted(summary, key=lambda s: (s["schedule"], s["depth"], s["seed"]))
     steps = sorted({r["step"] for s in runs for r in s["rows"]})
     lines = ["| residual step N | " + " | ".join(f"{n:,}" for n in steps) + " |", "|---" * (len(steps) + 1) + "|"]
