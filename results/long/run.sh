@@ -7,6 +7,8 @@
 # runs are skipped. From the repository root:
 #   bash results/long/run.sh [DATA [RUN...]]   DATA: the unpacked JPEG copy (train/ and test/); default: unpacked to a
 #                                               temp dir. RUN: names from the list below (default: all, in that order)
+#   ARMS=dar bash results/long/run.sh ...      trains only these arms (default: "residual dar"), e.g. to start one arm
+#                                               when a core becomes free (record it in restarts.jsonl)
 # Runs go to runs/long/<run>/<arm>/ (checkpoints stay uncommitted); logs are copied to results/long/<run>/.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -24,11 +26,11 @@ for run in "${all[@]}"; do
     finished() { grep -q "\"kind\": \"done\", \"step\": $steps," $R/$name/$1/log.jsonl 2>/dev/null; }
     finished residual && finished dar && continue              # both arms' logs are already in results/long
     mkdir -p $o $R/$name
-    for arm in residual dar; do
+    for arm in ${ARMS:-residual dar}; do
         python train_cifar.py --preset tiny --depth $depth --seed $seed --routing $arm --dataset folder \
             --data-dir "$d/train" --val-dir "$d/test" --val-size 2000 --steps $steps --eval-every 500 \
             --ckpt-every 500 --log-every 100 --sample-steps 10 --resume auto --out $o "$@" > $o/$arm.log 2>&1 &
     done
     wait
-    for arm in residual dar; do mkdir -p $R/$name/$arm; cp $o/$arm/log.jsonl $o/$arm/config.json $R/$name/$arm/; done
+    for arm in ${ARMS:-residual dar}; do mkdir -p $R/$name/$arm; cp $o/$arm/log.jsonl $o/$arm/config.json $R/$name/$arm/; done
 done
