@@ -6,7 +6,7 @@
 set -euo pipefail
 run=$1; shift
 pids=$(pgrep -f "train_cifar.py .*--out \S*runs/long/$(basename $run)( |$)")
-last() { grep '"kind": "train"' "$run/$1/log.jsonl" | tail -1 | python -c "import sys, json; print(json.load(sys.stdin)['step'])"; }
+last() { grep -s '"kind": "train"' "$run/$1/log.jsonl" | tail -1 | python -c "import sys, json; print(json.dumps(json.loads(sys.stdin.read() or '{\"step\": null}')['step']))"; }   # null: not started
 start=$(date +%s.%N); kill -STOP $pids
 "$@" || status=$?
 end=$(date +%s.%N); kill -CONT $pids

@@ -26,6 +26,8 @@ def evals(run, arm, pauses):
     in_training = []                   # a pause counts only if it fell into training, not into an evaluation:
     for p in (p for p in pauses if p["run"] == run):   # then the gap between the evaluations around it holds it
         last = p["last_logged_step"][arm]
+        if last is None:                                        # the arm had not started yet
+            continue
         around = [(a, b) for a, b in zip(ev, ev[1:]) if a["step"] <= last < b["step"]]
         if around and around[0][1]["train_seconds"] - around[0][0]["train_seconds"] - p["seconds"] > typical / 2:
             in_training.append(p)
