@@ -339,7 +339,7 @@ def generate(model, n, args, seed=0, labels=None):
 
 def save_grid(x, path, names=None, nrow=10):
     """Samples in [-1, 1] (3 channels) -> a PNG grid; with names, one column per class, enlarged, its name on top."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
     nrow = len(names) if names else nrow
     grid = make_grid((x[:, :3].float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1)
@@ -351,9 +351,16 @@ def save_grid(x, path, names=None, nrow=10):
         framed = Image.new("RGB", (img.width, img.height + 14), "white")
         framed.paste(img, (0, 14))
         draw = ImageDraw.Draw(framed)
+        try:
+            font = ImageFont.load_default(size=12)                     # Pillow >= 10.1: spaces wide enough to see
+        except TypeError:
+            font = ImageFont.load_default()
         for k, name in enumerate(names):
-            name = str(name)[:cell * zoom // 6]
-            draw.text((k * cell * zoom + (cell * zoom - 6 * len(name)) // 2, 2), name, fill="black")
+            name = str(name)
+            while draw.textlength(name, font=font) > cell * zoom - 2:     # cut names wider than their column
+                name = name[:-1]
+            x = k * cell * zoom + (cell * zoom - draw.textlength(name, font=font)) / 2
+            draw.text((x, 1), name, fill="black", font=font)
         img = framed
     img.save(path)
 
