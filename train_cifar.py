@@ -359,8 +359,8 @@ def save_grid(x, path, names=None, nrow=10):
             name = str(name)
             while draw.textlength(name, font=font) > cell * zoom - 2:     # cut names wider than their column
                 name = name[:-1]
-            x = k * cell * zoom + (cell * zoom - draw.textlength(name, font=font)) / 2
-            draw.text((x, 1), name, fill="black", font=font)
+            left = k * cell * zoom + (cell * zoom - draw.textlength(name, font=font)) / 2   # centred in its column
+            draw.text((left, 1), name, fill="black", font=font)
         img = framed
     img.save(path)
 
