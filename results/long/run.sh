@@ -16,9 +16,10 @@ R=results/long
 d=${1:-}
 if [ -z "$d" ]; then d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz -C "$d"; fi
 all=("d8_s0 8 0 8000" "d12_s0 12 0 6000" "d8_s1 8 1 8000" "d4_s1 4 1 8000"
-     "d8_s0_cos 8 0 8000 --warmup 500 --lr-schedule cosine")     # the same with a decaying schedule
+     "d8_s0_cos 8 0 8000 --warmup 500 --lr-schedule cosine"      # the same with a decaying schedule
+     "w64_d24_s0 24 0 8000 --hidden-size 64 --dar-chunk 4 --compile")   # issue 27: deep and narrow (L = 48, S by the rule)
 shift || true
-want=" ${*:-d8_s0 d12_s0 d8_s1 d4_s1 d8_s0_cos} "
+want=" ${*:-d8_s0 d12_s0 d8_s1 d4_s1 d8_s0_cos w64_d24_s0} "
 for run in "${all[@]}"; do
     set -- $run; name=$1 depth=$2 seed=$3 steps=$4; shift 4       # what is left: options of this run
     [[ $want == *" $name "* ]] || continue
