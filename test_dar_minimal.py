@@ -416,13 +416,16 @@ import numpy as np
 import train_cifar
 
 
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_cifar.py")
+MICRO = ["--dataset", "shapes", "--image-size", "16", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
+         "--patch-size", "4", "--batch-size", "8", "--val-size", "16", "--sample-steps", "2", "--log-every", "1",
+         "--device", "cpu"]                                  # a micro model on the built-in shapes data (16 px)
+
+
 def run(tmp_path, *extra, out="run"):
-    """train_cifar.main with a micro model on the built-in shapes data (16 px), returning the output folder."""
+    """train_cifar.main on MICRO (4 steps unless extra says otherwise), returning the output folder."""
     out = str(tmp_path / out)
-    argv = ["--dataset", "shapes", "--image-size", "16", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
-            "--patch-size", "4", "--batch-size", "8", "--steps", "4", "--val-size", "16", "--sample-steps", "2",
-            "--log-every", "1", "--device", "cpu", "--out", out] + list(extra)
-    train_cifar.main(argv)
+    train_cifar.main(MICRO + ["--steps", "4", "--out", out] + list(extra))
     return out
 
 
@@ -619,11 +622,8 @@ def test_torchrun_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_
     import subprocess
     import sys
     one = run(tmp_path, "--routing", "dar", "--steps", "3", "--eval-every", "3", out="one")
-    argv = ["--dataset", "shapes", "--image-size", "16", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
-            "--patch-size", "4", "--batch-size", "8", "--steps", "3", "--eval-every", "3", "--val-size", "16",
-            "--sample-steps", "2", "--log-every", "1", "--device", "cpu", "--routing", "dar", "--out", str(tmp_path / "two")]
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_cifar.py")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    argv = MICRO + ["--steps", "3", "--eval-every", "3", "--routing", "dar", "--out", str(tmp_path / "two")]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT]
                        + argv, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     logs = [read_log(os.path.join(out, "dar", "log.jsonl")) for out in (one, str(tmp_path / "two"))]
@@ -632,6 +632,123 @@ def test_torchrun_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_
     a, b = (torch.load(os.path.join(out, "dar", "ckpt.pt"), weights_only=True) for out in (one, str(tmp_path / "two")))
     assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-5) for k in a["model"])
     assert p.stdout.count("step 3: val loss") == 1                          # rank 0 alone evaluates and prints
+
+
+def signalled_run(tmp_path, sig, launcher=(), routing="residual,dar"):
+    """A real training process (MICRO, far more steps than it will take) sent sig once its first arm has logged a
+    step; returns its exit code, its stderr and the first arm's checkpoint."""
+    import subprocess
+    import sys
+    import time
+    argv = MICRO + ["--steps", "100000", "--eval-every", "100000", "--routing", routing, "--out", str(tmp_path / "run")]
+    p = subprocess.Popen([sys.executable, *launcher, SCRIPT] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log, deadline = tmp_path / "run" / routing.split(",")[0] / "log.jsonl", time.time() + 240
+    while not (log.exists() and log.read_text().strip()):          # training has started: the handlers are in place
+        assert p.poll() is None and time.time() < deadline, p.communicate()[1][-2000:] if p.poll() is not None else ""
+        time.sleep(0.05)
+    p.send_signal(sig)
+    _, stderr = p.communicate(timeout=240)
+    path = tmp_path / "run" / routing.split(",")[0] / "ckpt.pt"
+    return p.returncode, stderr, path, torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_checkpoints_and_the_resumed_run_is_the_same_run(tmp_path, sig, code):
+    """The first signal ends the step in progress with a checkpoint and one line; the second arm is left untouched;
+    --resume auto then gives the losses and weights of a run that was never stopped."""
+    import signal
+    rc, stderr, path, ckpt = signalled_run(tmp_path, getattr(signal, sig))
+    n = ckpt["step"]
+    assert rc == code, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (f"stopped at step {n}; checkpoint written to {path}; continue with "
+                                               "the same command and --resume auto")
+    assert n >= 1 and not os.path.exists(tmp_path / "run" / "dar" / "ckpt.pt")     # the second arm: not started
+    more = ["--steps", str(n + 3), "--eval-every", "100000"]
+    run(tmp_path, "--routing", "residual,dar", "--resume", "auto", *more)
+    run(tmp_path, "--routing", "residual", *more, out="straight")
+    logs = [read_log(tmp_path / out / "residual" / "log.jsonl") for out in ("run", "straight")]
+    losses = [[(r["step"], r["loss"]) for r in log if r["kind"] == "train"] for log in logs]
+    assert [s for s, _ in losses[0]] == list(range(1, n + 4))                      # no step lost, none repeated
+    assert [v for _, v in losses[0]] == pytest.approx([v for _, v in losses[1]], rel=1e-5)
+    a, b = (torch.load(tmp_path / out / "residual" / "ckpt.pt", weights_only=True) for out in ("run", "straight"))
+    assert all(torch.allclose(a[w][k], b[w][k], atol=1e-6) for w in ("model", "ema") for k in a["model"])
+    assert os.path.exists(tmp_path / "run" / "dar" / "ckpt.pt")
+
+
+def test_a_stop_between_log_lines_keeps_the_losses_of_its_steps(tmp_path, monkeypatch):
+    """A checkpoint between two log lines carries the losses not yet logged, so the resumed log equals a straight one."""
+    import signal
+    losses = lambda out: [(r["step"], r["loss"]) for r in read_log(os.path.join(out, "residual", "log.jsonl"))
+                          if r["kind"] == "train"]
+    argv = ["--routing", "residual", "--steps", "8", "--log-every", "4", "--eval-every", "8"]
+    straight = run(tmp_path, *argv, out="a")
+    steps = []
+
+    def sigterm_in_step_6(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)                      # as a scheduler would, in the middle of step 6
+        return flow_matching_loss(*args, **kwargs)
+    monkeypatch.setattr(train_cifar, "flow_matching_loss", sigterm_in_step_6)
+    with pytest.raises(train_cifar.Stopped, match="stopped at step 6; .* --resume$") as e:
+        run(tmp_path, *argv, out="b")
+    assert e.value.signum == signal.SIGTERM
+    monkeypatch.setattr(train_cifar, "flow_matching_loss", flow_matching_loss)
+    resumed = run(tmp_path, *argv, "--resume", out="b")
+    assert losses(straight) == losses(resumed) and [s for s, _ in losses(resumed)] == [4, 8]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored():
+    import signal
+    import time
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with train_cifar.StopSignals(quiet=True) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGTERM                          # recorded, nothing raised
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_sigterm_under_torchrun_stops_every_process_and_rank_0_checkpoints(tmp_path):
+    import signal
+    rc, stderr, path, ckpt = signalled_run(tmp_path, signal.SIGTERM, routing="dar",
+                                           launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                                     "2"))
+    assert rc != 0 and stderr.count(f"stopped at step {ckpt['step']}; checkpoint written to {path}") == 1, stderr[-3000:]
+    run(tmp_path, "--routing", "dar", "--steps", str(ckpt["step"] + 1), "--eval-every", "100000", "--resume")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-step run to be resumed with other options."""
+    tmp_path = tmp_path_factory.mktemp("stream")
+    return tmp_path, run(tmp_path, "--routing", "dar", "--steps", "2", "--lr-schedule", "cosine")
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--seed", "1"), ("--batch-size", "4"), ("--lr", "0.01"), ("--lr-schedule", "constant"), ("--warmup", "2"),
+    ("--ema-decay", "0.5"), ("--grad-clip", "0.5"), ("--t-sampling", "logit_normal"), ("--precision", "bf16"),
+    ("--class-dropout", "0.2"), ("--dataset", "latents"), ("--image-size", "8"), ("--steps", "5")])
+def test_resume_with_another_stream_option_is_refused_in_one_line(finished_run, option, value, monkeypatch):
+    tmp_path, out = finished_run
+    monkeypatch.setattr(train_cifar, "load_data", lambda args: pytest.fail("data loaded before the refusal"))
+    log = open(os.path.join(out, "dar", "log.jsonl")).read()
+    with pytest.raises(ValueError) as e:
+        run(tmp_path, "--routing", "dar", "--steps", "2", "--lr-schedule", "cosine", option, value, "--resume")
+    message = str(e.value)
+    assert "\n" not in message and f"{option} " in message and f"(now {value}" in message.replace("0.010", "0.01")
+    assert "start a new run" in message and message.count("(now") == 1
+    assert open(os.path.join(out, "dar", "log.jsonl")).read() == log
+
+
+def test_resume_may_change_steps_evaluation_and_logging_under_a_constant_schedule(tmp_path):
+    run(tmp_path, "--routing", "dar", "--steps", "2")
+    run(tmp_path, "--routing", "dar", "--steps", "3", "--eval-every", "1", "--log-every", "2", "--sample-steps", "3",
+        "--cfg-scale", "2", "--resume")
 
 
 def test_shapes_are_deterministic_and_classes_differ():
@@ -723,6 +840,11 @@ def test_folder_dataset(tmp_path):
     with open(os.path.join(out, "residual", "config.json")) as fh:
         model = json.load(fh)["model"]
     assert (model["in_channels"], model["input_size"], model["num_classes"]) == (3, 16, 2)
+    for i in range(12, 14):                                         # the folder grew: not the run's data any more
+        save_image(torch.rand(3, 20, 24), tmp_path / "imgs" / "cat" / f"{i}.png")
+    with pytest.raises(ValueError, match="22 training images \\(now 24\\).*start a new run"):
+        run(tmp_path, "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--routing", "residual",
+            "--steps", "3", "--resume")
 
 
 def test_validation_subset_of_a_class_sorted_folder_is_random_not_the_first_class(tmp_path):

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -453,9 +454,42 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
+STREAM = ("seed", "batch_size", "lr", "lr_schedule", "warmup", "ema_decay", "grad_clip", "t_sampling", "precision",
+          "class_dropout", "dataset", "image_size")          # the options that define a run's draws and updates
+
+
+def stream_options(args, train_images=None):
+    """What defines a run's stream of data and updates, kept in its checkpoints so that --resume continues that run:
+    the STREAM options, the number of training images and, under a cosine schedule, --steps (it sets the decay of
+    the steps already taken). --steps may grow under a constant schedule; evaluation and logging options may change."""
+    stream = {k: getattr(args, k) for k in STREAM}
+    if args.lr_schedule == "cosine":
+        stream["steps"] = args.steps
+    if train_images is not None:
+        stream["train_images"] = train_images
+    return stream
+
+
+def check_stream(ckpt, ckpt_path, args, train_images=None):
+    """ValueError naming every stream option in which the checkpoint and this command differ (with both values)."""
+    old = ckpt.get("stream")
+    if old is None:                                # a checkpoint of an older version: nothing recorded to compare
+        print(f"note: {ckpt_path} records no stream options (an older version made it): they are not checked")
+        return
+    new = stream_options(args, train_images)
+    diff = [k for k in new if k in old and old[k] != new[k]]
+    if diff:
+        said = ", ".join(f"--{k.replace('_', '-')} {old[k]} (now {new[k]})" if k != "train_images" else
+                         f"{old[k]} training images (now {new[k]})" for k in diff)
+        raise ValueError(f"--resume: {ckpt_path} belongs to a run with other settings of its data and updates: {said}. "
+                         "Give the checkpoint's values to continue it, or start a new run (another --out, or "
+                         "--overwrite to replace it)")
+
+
 def prepare_out(args):
     """Checks --out before any data is loaded: an existing run is continued (--resume), deleted (--overwrite) or refused;
-    --resume needs each arm's checkpoint (--resume auto: only where there is one) at a step <= --steps."""
+    --resume needs each arm's checkpoint (--resume auto: only where there is one) at a step <= --steps, made with
+    the same stream options (check_stream)."""
     arm_files = {arm: [os.path.join(args.out, arm, f) for f in ("ckpt.pt", "log.jsonl")] for arm in args.arms}
     existing = [f for files in arm_files.values() for f in files if os.path.exists(f)]
     if args.resume:
@@ -465,7 +499,9 @@ def prepare_out(args):
                     continue
                 raise ValueError(f"--resume: there is no checkpoint {ckpt_path!r} to continue from; check --out, "
                                  "use --resume auto to start the arms that have none, or leave out --resume")
-            step = load_checkpoint(ckpt_path)["step"]
+            ckpt = load_checkpoint(ckpt_path)
+            step = ckpt["step"]
+            check_stream(ckpt, ckpt_path, args)
             if step > args.steps:
                 raise ValueError(f"--resume: {ckpt_path!r} is at step {step}, beyond --steps {args.steps}; "
                                  f"give --steps {step} or more")
@@ -564,6 +600,55 @@ class DistributedDiT(torch.nn.parallel.DistributedDataParallel):
             return getattr(self.module, name)
 
 
+class Stopped(Exception):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM after writing its checkpoint: the exit code is 128 + signum."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """While active, the first SIGINT or SIGTERM is only recorded (self.signum): the training loop finishes its step,
+    writes a checkpoint and raises Stopped. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    def __init__(self, quiet=False):
+        self.signum, self.previous, self.quiet = 0, {}, quiet            # quiet: a process other than rank 0
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.previous[s] = signal.signal(s, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        """The signal handler: record the first signal, raise KeyboardInterrupt on a second Ctrl-C."""
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.signum:
+            self.signum = signum
+            if not self.quiet:
+                print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+                      "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, args):
+        """The signal to stop on, the same in every process (under torchrun, any process's signal stops all)."""
+        if args.world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def resume_hint(args):
+    """How to continue the run in --out: --resume, or --resume auto where an arm has no checkpoint yet."""
+    started = all(os.path.exists(os.path.join(args.out, arm, "ckpt.pt")) for arm in args.arms)
+    return "--resume" if started else "--resume auto"
+
+
 def learning_rate(step, args):
     """The learning rate of a step: linear warm-up over --warmup steps, then constant or cosine decay to lr/10."""
     if step < args.warmup:
@@ -583,8 +668,9 @@ def step_draws(B, shape, g, args):
     return flip, t, torch.randn((B, *shape), device=args.device, generator=g)
 
 
-def train_arm(args, data, routing, arm_dir, fid_ref=None):
-    """Trains one arm (routing) for args.steps steps, evaluating, logging and checkpointing; returns its log records."""
+def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
+    """Trains one arm (routing) for args.steps steps, evaluating, logging and checkpointing; returns its log records.
+    stop (StopSignals): after a signal, the step in progress ends with a checkpoint and Stopped is raised."""
     os.makedirs(arm_dir, exist_ok=True)
     config = model_config(args, data, routing)
     torch.manual_seed(args.seed)                                   # same init for both arms: the router comes last
@@ -592,9 +678,11 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt_path, start, spent = os.path.join(arm_dir, "ckpt.pt"), 0, dict(train=0.0, eval=0.0)
+    stream, pending = stream_options(args, len(data["train_x"])), []
     resume = args.resume and os.path.exists(ckpt_path)              # prepare_out has checked that it may
     if resume:
         ckpt = load_checkpoint(ckpt_path, args.device)
+        check_stream(ckpt, ckpt_path, args, len(data["train_x"]))
         if ckpt["config"] != config:
             diff = {k: (ckpt["config"].get(k), v) for k, v in config.items() if ckpt["config"].get(k) != v}
             raise ValueError(f"cannot resume {ckpt_path}: it was made with another model configuration "
@@ -603,6 +691,7 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         start, spent = ckpt["step"], ckpt.get("seconds", dict(train=0.0, eval=0.0))   # training and evaluation so far
+        pending = list(ckpt.get("pending", torch.zeros(0)).to(args.device))   # losses not yet in a log line
         if start == args.steps:
             print(f"[{routing}] {ckpt_path} is already at step {start}: nothing to train")
             return Log.read(os.path.join(arm_dir, "log.jsonl"))
@@ -618,19 +707,23 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
     n, B = len(data["train_x"]), args.batch_size
     mine = slice(args.rank * (B // args.world), (args.rank + 1) * (B // args.world))   # this process's part of a batch
     steps_per_epoch = max(1, n // B)
-    pending, order, eval_time, t_start, last = [], None, 0.0, time.time(), (start, time.time())
+    order, eval_time, t_start, last = None, 0.0, time.time(), (start, time.time())
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=routing, dynamic_ncols=True,
                disable=None if main_process else True)
+
+    def pending_losses():
+        """The losses of the steps since the last log line, each the mean over every process's part of the batch."""
+        losses = torch.stack(pending).float() if pending else torch.zeros(0, device=args.device)
+        if args.world > 1:
+            torch.distributed.all_reduce(losses)
+            losses /= args.world
+        return losses.cpu()
 
     def check(step):
         """Mean of the losses of the steps since the last log line (one sync); stop on a non-finite one."""
         if not pending:
             return None
-        losses = torch.stack(pending).float()
-        if args.world > 1:                                         # the mean over every process's part of the batch
-            torch.distributed.all_reduce(losses)
-            losses /= args.world
-        losses = losses.cpu()
+        losses = pending_losses()
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             raise FloatingPointError(f"[{routing}] non-finite loss at step {step - len(pending) + int(bad[0]) + 1}; "
@@ -672,8 +765,9 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
             last = (done, time.time())
             log.write(kind="train", step=done, loss=mean_loss, lr=lr, steps_per_s=rate, images_per_s=rate * B)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.1e}", it_s=f"{rate:.2f}", img_s=f"{rate * B:.0f}")
+        signum = stop.agreed(args) if stop and done < args.steps else 0      # (a finished arm simply finishes)
         evaluate_now = done % args.eval_every == 0 or done == args.steps
-        save_now = done % args.ckpt_every == 0 or done == args.steps
+        save_now = done % args.ckpt_every == 0 or done == args.steps or signum
         if evaluate_now or save_now:
             check(done)                                            # never evaluate or save a non-finite model
         if main_process and evaluate_now:
@@ -684,12 +778,19 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None):
             tqdm.write(f"[{routing}] step {done}: val loss {record['val_loss']:.4f}"
                        + (f", FID {record['fid']:.2f}" if "fid" in record else ""))
             last = (done, time.time())                                                 # keep eval out of the rates
+        if save_now:
+            unlogged = pending_losses()                            # every process takes part in the mean
         if main_process and save_now:
             save_checkpoint(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
-                                 config=config, seed=args.seed, seconds=dict(train=spent["train"] + time.time()
-                                 - t_start - eval_time, eval=spent["eval"] + eval_time),
+                                 config=config, seed=args.seed, stream=stream, pending=unlogged,
+                                 seconds=dict(train=spent["train"] + time.time() - t_start - eval_time,
+                                              eval=spent["eval"] + eval_time),
                                  data_position=dict(epoch=epoch, index_in_epoch=i + 1)), ckpt_path)
         bar.update(1)
+        if signum:
+            bar.close()
+            raise Stopped(f"stopped at step {done}; checkpoint written to {ckpt_path}; continue with the same "
+                          f"command and {resume_hint(args)}", signum)
     bar.close()
     log.write(kind="done", step=args.steps, train_seconds=spent["train"] + time.time() - t_start - eval_time,
               eval_seconds=spent["eval"] + eval_time, device=machine(), resumed_from=start)    # totals, all segments
@@ -969,10 +1070,15 @@ def main(argv=None):
         if net is not None:
             fid_ref = (net, *fid_reference(net, data, args))
     arms = {}
-    for routing in args.arms:
-        t0 = time.time()
-        arms[routing] = train_arm(args, data, routing, os.path.join(args.out, routing), fid_ref)
-        print(f"[{routing}] done in {time.time() - t0:.0f} s")
+    with StopSignals(quiet=args.rank > 0) as stop:     # Ctrl-C or SIGTERM: finish the step, checkpoint, exit
+        for routing in args.arms:
+            signum = stop.agreed(args)                 # stopped just as the previous arm finished
+            if signum:
+                raise Stopped(f"stopped before the {routing} arm; continue with the same command and "
+                              f"{resume_hint(args)}", signum)
+            t0 = time.time()
+            arms[routing] = train_arm(args, data, routing, os.path.join(args.out, routing), fid_ref, stop)
+            print(f"[{routing}] done in {time.time() - t0:.0f} s")
     if args.world > 1:
         torch.distributed.destroy_process_group()
     if len(arms) == 2 and args.rank == 0:
@@ -985,3 +1091,10 @@ if __name__ == "__main__":
         main()
     except (ValueError, FloatingPointError) as e:           # a user mistake or a stopped run: one line, exit code 1
         sys.exit(f"error: {e}")
+    except Stopped as e:                                    # a signal: checkpoint written, 130 (SIGINT) or 143 (SIGTERM)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:                               # Ctrl-C before training, or a second one during it
+        print("stopped at once (Ctrl-C); the last checkpoint written, if any, is intact", file=sys.stderr)
+        sys.exit(130)
