@@ -171,6 +171,12 @@ def chunk_sources(l, L, S):
     return summaries + own_chunk
 
 
+# The queries: q_l = w_l (static); q_l(t) = w_l + e(t) with e(t) a new zero-initialised projection of the timestep
+# embedding (static_t) or, as the paper words it, e(t) = the timestep embedding itself, the t-embedder's last layer
+# zero-initialised (static_t_embed, no new parameters); q_l = W_q^(l) v_{l-1} (dynamic).
+QUERIES = ("static", "static_t", "static_t_embed", "dynamic")
+
+
 class DepthRouter(nn.Module):
     """DAR's L+1 aggregators: reader l = 1..L builds sublayer l's input h_l, reader L+1 the final layer's input.
     Each has a query q_l(t) and the RMSNorm weight g_l of its keys k_i = RMSNorm_l(v_i) = g_l * v_i / RMS(v_i)."""
@@ -181,9 +187,9 @@ class DepthRouter(nn.Module):
         self.query, self.num_sublayers, self.chunk = query, L, chunk
         self.sources = [chunk_sources(l, L, chunk) for l in range(1, L + 2)]   # S_l, fixed by the chunk rule
         self.key_weight = nn.Parameter(torch.ones(L + 1, d))                    # g_l
-        if query in ("static", "static_t"):
+        if query in ("static", "static_t", "static_t_embed"):
             self.w = nn.Parameter(torch.zeros(L + 1, d))                        # w_l, zero: uniform weights at init
-        if query == "static_t":
+        if query == "static_t":                                                 # (static_t_embed: e(t) is the DiT's)
             self.e = nn.Sequential(nn.SiLU(), nn.Linear(d, d))                  # e(t), zero at init: static variant
             nn.init.zeros_(self.e[-1].weight)
             nn.init.zeros_(self.e[-1].bias)
@@ -199,6 +205,8 @@ class DepthRouter(nn.Module):
         q = self.w.expand(t_emb.shape[0], -1, -1)                               # static: q_l = w_l
         if self.query == "static_t":
             q = q + self.e(t_emb).unsqueeze(1)                                  # static+t: q_l(t) = w_l + e(t)
+        if self.query == "static_t_embed":
+            q = q + t_emb.unsqueeze(1)                                          # e(t) = the t-embedder's output
         return q * self.key_weight / math.sqrt(q.shape[-1])
 
     def keys(self, v_i, q):
@@ -234,10 +242,10 @@ class DiT(nn.Module):
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=False, routing="dar",
                  dar_query="static_t", dar_chunk=4):
         super().__init__()
-        if routing not in ("residual", "dar") or dar_query not in ("static", "static_t", "dynamic") or \
-                not isinstance(dar_chunk, int) or dar_chunk < 1:
-            raise ValueError(f"routing must be 'residual' or 'dar', dar_query 'static', 'static_t' or 'dynamic' and "
-                             f"dar_chunk an integer >= 1, got {routing!r}, {dar_query!r} and {dar_chunk!r}")
+        if routing not in ("residual", "dar") or dar_query not in QUERIES or not isinstance(dar_chunk, int) or \
+                dar_chunk < 1:
+            raise ValueError(f"routing must be 'residual' or 'dar', dar_query one of {QUERIES} and dar_chunk an "
+                             f"integer >= 1, got {routing!r}, {dar_query!r} and {dar_chunk!r}")
         if depth < 1 or input_size % patch_size or hidden_size % num_heads:
             raise ValueError(f"need depth >= 1, input_size divisible by patch_size and hidden_size by num_heads, got "
                              f"depth {depth}, input_size {input_size}, patch_size {patch_size}, hidden_size "
@@ -261,6 +269,9 @@ class DiT(nn.Module):
         self.initialize_weights()
         if routing == "dar":     # after the backbone's random init, so both routings start from the same weights
             self.router = DepthRouter(hidden_size, 2 * depth, dar_query, dar_chunk)
+        if routing == "dar" and dar_query == "static_t_embed":   # the paper: "the final layer of the t-embedder is
+            nn.init.zeros_(self.t_embedder.mlp[-1].weight)         # zero-initialized, so that e(t) = 0": the one
+            nn.init.zeros_(self.t_embedder.mlp[-1].bias)           # weight in which this arm starts unlike the residual
 
     def initialize_weights(self):
         """DiT's initialisation: xavier linears, fixed sin-cos positions, adaLN-Zero (zero modulation and output)."""
@@ -325,8 +336,9 @@ def residual_to_dar(model, dar_query="static_t", dar_chunk=1):
     """A DAR model carrying a residual DiT's weights (router fresh, zero queries). With dar_chunk=1 it computes
     the same function as the residual model at the start (uniform weights = residual stream / |S_l|, and
     every consumer starts with a scale-invariant LayerNorm)."""
-    if model.routing != "residual":
-        raise ValueError(f"residual_to_dar converts a residual DiT, got one with routing={model.routing!r}")
+    if model.routing != "residual" or dar_query == "static_t_embed":
+        raise ValueError(f"residual_to_dar converts a residual DiT, to any query but static_t_embed (its e(t) is the "
+                         f"trained t-embedding, not zero); got routing={model.routing!r}, dar_query={dar_query!r}")
     dar = DiT(**dict(model.config, routing="dar", dar_query=dar_query, dar_chunk=dar_chunk))
     dar.load_state_dict(model.state_dict(), strict=False)             # everything but the router
     return dar.to(next(model.parameters()).device)

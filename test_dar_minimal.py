@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import dar_minimal
-from dar_minimal import DiT, chunk_sources, flow_matching_loss, guided, residual_to_dar, sample
+from dar_minimal import QUERIES, DiT, chunk_sources, flow_matching_loss, guided, residual_to_dar, sample
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=3, num_heads=4)
-QUERIES = ["static", "static_t", "dynamic"]
 
 
 def randomize(model, std=0.3, seed=0):
@@ -95,7 +94,7 @@ def test_routing_weights_are_a_distribution_over_the_chunk_sources(query, chunk)
 
 # ---------------------------------------------------------------------------------------------- equivalence
 
-@pytest.mark.parametrize("query", QUERIES)
+@pytest.mark.parametrize("query", [q for q in QUERIES if q != "static_t_embed"])
 def test_zero_query_dense_dar_equals_residual(query):
     """Uniform weights give h_l = (residual stream) / l, and every consumer starts with a LayerNorm."""
     residual = randomize(DiT(**TINY, routing="residual")).double()
@@ -118,7 +117,8 @@ def plain_dar_forward(model, x, t, y):
         if router.query == "dynamic":
             q = v[l - 1] @ router.W_q[l - 1].T                        # per token
         else:
-            q = router.w[l - 1] + (router.e(t_emb) if router.query == "static_t" else 0)
+            e = {"static_t": router.e(t_emb) if router.query == "static_t" else 0, "static_t_embed": t_emb}
+            q = router.w[l - 1] + e.get(router.query, 0)
             q = q.reshape(-1, 1, d) if q.ndim == 2 else q
         keys = [v_i / torch.sqrt(v_i.pow(2).mean(-1, keepdim=True) + 1e-6) * g for v_i in
                 (v[i] for i in router.sources[l - 1])]                 # RMSNorm with its learnable weight
@@ -245,7 +245,7 @@ def router_alpha(model, v, t):
     return router.alpha
 
 
-@pytest.mark.parametrize("query,depends_on_t", [("static", False), ("static_t", True)])
+@pytest.mark.parametrize("query,depends_on_t", [("static", False), ("static_t", True), ("static_t_embed", True)])
 def test_static_weights_ignore_t_and_static_t_weights_follow_t(query, depends_on_t):
     model = randomize(DiT(**TINY, dar_query=query, dar_chunk=1))
     v = [torch.randn(2, 16, 32) for _ in range(7)]                    # fixed sources v_0 .. v_6
@@ -256,13 +256,41 @@ def test_static_weights_ignore_t_and_static_t_weights_follow_t(query, depends_on
         assert all(torch.equal(p, q) for p, q in zip(a0, a1))
 
 
-def test_static_t_starts_as_static():
-    model = DiT(**TINY, dar_query="static_t")
+@pytest.mark.parametrize("query", ["static_t", "static_t_embed"])
+def test_static_t_starts_as_static(query):
+    model = DiT(**TINY, dar_query=query)
     with torch.no_grad():
         model.router.w.normal_()
     q0 = model.router.queries(model.t_embedder(torch.zeros(2)))
     q1 = model.router.queries(model.t_embedder(torch.ones(2)))
     assert torch.equal(q0, q1)                                        # e(t) = 0 at init
+
+
+def test_static_t_embed_is_the_papers_wording_no_new_parameters_and_one_zeroed_layer():
+    """e(t) is the t-embedder's own output: static+t costs nothing over static, and the DAR arm starts from the
+    residual arm's weights except the t-embedder's last layer, zeroed so that e(t) = 0."""
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(DiT(**TINY, dar_query="static_t_embed")) == count(DiT(**TINY, dar_query="static"))
+    torch.manual_seed(3)
+    residual = DiT(**TINY, routing="residual").state_dict()
+    torch.manual_seed(3)
+    dar = DiT(**TINY, routing="dar", dar_query="static_t_embed").state_dict()
+    differ = {k for k in residual if not torch.equal(residual[k], dar[k])}
+    assert differ == {"t_embedder.mlp.2.weight"}                       # (its bias starts at zero in both)
+    assert not dar["t_embedder.mlp.2.weight"].any() and not dar["t_embedder.mlp.2.bias"].any()
+    with pytest.raises(ValueError, match="static_t_embed"):
+        residual_to_dar(DiT(**TINY, routing="residual"), dar_query="static_t_embed")
+
+
+@pytest.mark.parametrize("query,reaches", [("static", False), ("static_t", True), ("static_t_embed", True)])
+def test_the_routing_gradient_reaches_the_t_embedder_through_e_of_t(query, reaches):
+    """Scores of a fixed source: their gradient reaches the t-embedder through q_l(t) = w_l + e(t), or not at all."""
+    model = randomize(DiT(**TINY, dar_query=query, dar_chunk=2))
+    g = torch.Generator().manual_seed(0)
+    scores = model.router.keys(torch.randn(2, 16, 32, generator=g), model.router.queries(model.t_embedder(torch.rand(2))))
+    (scores * torch.randn(scores.shape, generator=g)).sum().backward()
+    grad = model.t_embedder.mlp[-1].weight.grad
+    assert (grad is not None and grad.abs().sum() > 0) == reaches
 
 
 def test_dynamic_weights_depend_on_the_input():

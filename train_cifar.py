@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dar_minimal import DiT, flow_matching_loss, sample
+from dar_minimal import QUERIES, DiT, flow_matching_loss, sample
 
 PRESETS = {  # model, optimiser, length; evaluation: every eval_every steps on val_size images, grids every sample_every
     "quick": dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, batch_size=64, lr=1e-3, ema_decay=0.999,
@@ -58,7 +58,9 @@ def parse_args(argv=None):
     a("--lr", type=float, help="overrides the preset")
     a("--ema-decay", type=float, help="overrides the preset")
     a("--routing", default="residual,dar", help="residual, dar, or residual,dar to compare both")
-    a("--dar-query", default="static_t", choices=["static", "static_t", "dynamic"])
+    a("--dar-query", default="static_t", choices=QUERIES,
+      help="static_t: e(t) a new zero-init projection of the t-embedding; static_t_embed: e(t) the t-embedding itself, "
+           "the t-embedder's last layer zero-init (the paper's wording; only the DAR arm's init changes)")
     a("--dar-chunk", type=int, default=4)
     a("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     a("--lr-schedule", default="constant", choices=["constant", "cosine"],

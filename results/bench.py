@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dar_minimal import DiT, flow_matching_loss  # noqa: E402
+from dar_minimal import QUERIES, DiT, flow_matching_loss  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -46,8 +46,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for spec in args.dar:
         query, _, chunk = spec.partition(":")
-        if query not in ("static", "static_t", "dynamic") or not chunk.isdigit() or int(chunk) < 1:
-            p.error(f"--dar expects query:chunk with query static, static_t or dynamic and chunk >= 1, got {spec!r}")
+        if query not in QUERIES or not chunk.isdigit() or int(chunk) < 1:
+            p.error(f"--dar expects query:chunk with query one of {', '.join(QUERIES)} and chunk >= 1, got {spec!r}")
     return args
 
 
