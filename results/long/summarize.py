@@ -66,22 +66,25 @@ def summarize(run, pauses, restarts):
     with open(os.path.join(HERE, run, "dar", "config.json")) as f:
         args = json.load(f)["args"]
     cosine = args.get("lr_schedule", "constant") == "cosine"           # runs from before the option: constant
-    label = f"{args['depth']} blocks, seed {args['seed']}" + (f", warm-up {args['warmup']} + cosine" if cosine else "")
+    setting = f"{args['depth']} blocks" + (f", width {args['hidden_size']}" if args["hidden_size"] != 128 else "") \
+        + (f", {args['dar_query']}" if args["dar_query"] != "static_t" else "") \
+        + (f", chunk {args['dar_chunk']}" if args["dar_chunk"] != 4 else "") \
+        + (f", warm-up {args['warmup']} + cosine" if cosine else "")      # what differs from the first long runs
     return dict(run=run, depth=args["depth"], seed=args["seed"], schedule="cosine" if cosine else "constant",
-                label=label, rows=rows)
+                setting=setting, label=setting.replace(" blocks", f" blocks, seed {args['seed']}", 1), rows=rows)
 
 
 def across_seeds(summary, fmt):
-    """Per depth and schedule with more than one seed: at each N that every seed evaluated, the step ratios per seed,
-    their mean and spread (max - min), and the gap (DAR - residual val loss) per seed."""
+    """Per setting (depth, width, query, chunk, schedule) with more than one seed: at each N that every seed evaluated,
+    the step ratios per seed, their mean and spread (max - min), and the gap (DAR - residual val loss) per seed."""
     lines = []
-    for depth, schedule in sorted({(s["depth"], s["schedule"]) for s in summary}):
-        runs = [s for s in summary if (s["depth"], s["schedule"]) == (depth, schedule)]
+    for setting in sorted({s["setting"] for s in summary}):
+        runs = [s for s in summary if s["setting"] == setting]
         if len(runs) < 2:
             continue
         by_step = [{r["step"]: r for r in s["rows"] if r["dar"] is not None} for s in runs]
         shared = sorted(set.intersection(*(set(b) for b in by_step)))
-        lines += [f"## {depth} blocks{'' if schedule == 'constant' else ', ' + schedule}, seeds "
+        lines += [f"## {setting}, seeds "
                   f"{', '.join(str(s['seed']) for s in runs)}: the seed spread", "",
                   "| residual step N | x fewer steps, per seed | mean | spread (max - min) | DAR - residual val loss, "
                   "per seed |", "|---|---|---|---|---|"]
@@ -99,8 +102,8 @@ def across_seeds(summary, fmt):
 
 def readme_table(summary, fmt):
     """The README's table: one column per residual step N, rows per run for the step ratio, the val-loss gap (DAR -
-    residual) and the time ratio; runs by schedule (constant first), depth, seed."""
-    runs = sorted(summary, key=lambda s: (s["schedule"], s["depth"], s["seed"]))
+    residual) and the time ratio; runs by schedule (constant first), depth, setting, seed."""
+    runs = sorted(summary, key=lambda s: (s["schedule"], s["depth"], s["setting"], s["seed"]))
     steps = sorted({r["step"] for s in runs for r in s["rows"]})
     lines = ["| residual step N | " + " | ".join(f"{n:,}" for n in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     bound = lambda r: "" if r["exact"] else ">="
@@ -159,7 +162,7 @@ def main():
         ax.plot(*zip(*pts), marker="o", label=s["label"])
     ax.axhline(1, color="gray", lw=0.8, ls="--")
     ax.set(xlabel="training length: residual step N", ylabel="DAR: x fewer steps to the residual's loss at N",
-           title="Does DAR's lead last? (CIFAR-10 JPEG copy, width 128)")
+           title="Does DAR's lead last? (CIFAR-10 JPEG copy; width 128 unless named)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "ratio.png"), dpi=110)
