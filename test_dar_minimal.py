@@ -918,6 +918,15 @@ def test_train_cifar_bad_input(tmp_path):
 
 # ---------------------------------------------------------------------------------- nothing lost, nothing silent
 
+def test_keep_every_keeps_a_copy_of_those_checkpoints(tmp_path):
+    out = run(tmp_path, "--routing", "residual", "--steps", "5", "--ckpt-every", "1", "--keep-every", "2")
+    kept = sorted(f for f in os.listdir(os.path.join(out, "residual")) if f.startswith("ckpt_"))
+    assert kept == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
+    assert torch.load(os.path.join(out, "residual", kept[0]), weights_only=True)["step"] == 2
+    with pytest.raises(ValueError, match="multiple of --ckpt-every"):
+        run(tmp_path, "--keep-every", "3", "--ckpt-every", "2", out="bad")
+
+
 def test_a_rerun_never_replaces_a_run_silently(tmp_path):
     out = run(tmp_path, "--routing", "dar", "--steps", "2")
     log = open(os.path.join(out, "dar", "log.jsonl")).read()

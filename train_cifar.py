@@ -84,6 +84,8 @@ def parse_args(argv=None):
     a("--fid-backend", default="torchvision", choices=["torchvision", "pytorch-fid"],
       help="pytorch-fid (optional package): the TF-Inception of published FIDs; torchvision: compare runs only")
     a("--ckpt-every", type=int, default=1000)
+    a("--keep-every", type=int, default=0, help="also keep a copy ckpt_<step>.pt of every Nth step's checkpoint "
+      "(a multiple of --ckpt-every; 0: none), e.g. to score a run's EMA weights later")
     a("--log-every", type=int, default=25)
     a("--resume", nargs="?", const="yes", choices=["yes", "auto"],
       help="continue each arm from its checkpoint in --out (an error where there is none); "
@@ -122,8 +124,10 @@ def check_args(args):
                  "sample_steps", "eval_every", "sample_every", "ckpt_every", "log_every", "num_samples", "fid_samples",
                  "dar_chunk"):
         need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    for name in ("warmup", "fid_every"):
+    for name in ("warmup", "fid_every", "keep_every"):
         need(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    need(args.keep_every % args.ckpt_every == 0,
+         f"--keep-every ({args.keep_every}) must be a multiple of --ckpt-every ({args.ckpt_every})")
     need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a finite positive number, got {args.lr}")
     need(math.isfinite(args.grad_clip) and args.grad_clip > 0, f"--grad-clip must be finite and > 0, got {args.grad_clip}")
     need(0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}")
@@ -788,6 +792,8 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
                                  seconds=dict(train=spent["train"] + time.time() - t_start - eval_time,
                                               eval=spent["eval"] + eval_time),
                                  data_position=dict(epoch=epoch, index_in_epoch=i + 1)), ckpt_path)
+            if args.keep_every and done % args.keep_every == 0:
+                shutil.copy(ckpt_path, os.path.join(arm_dir, f"ckpt_{done:07d}.pt"))
         bar.update(1)
         if signum:
             bar.close()

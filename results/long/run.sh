@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Does DAR's lead last? (issue 18) Long runs on the 2-core CPU: residual vs DAR (static+t, chunk 4) at the tiny
+# Does DAR's lead last? (issues 18, 27) Long runs on the 2-core CPU: residual vs DAR (static+t, chunk 4) at the tiny
 # width (128, patch 4, batch 64, EMA 0.999, AdamW 3e-4 constant; d8_s0_cos: 500 warm-up steps, then cosine decay to
 # 3e-5), on the CIFAR-10 JPEG copy. Validation every 500 steps: EMA weights, the same 2,000 random test images, fixed
 # noise, 8 fixed t. Both arms of a run train side by side, one thread each. Every run continues (--resume auto) from
@@ -9,7 +9,10 @@
 #                                               temp dir. RUN: names from the list below (default: all, in that order)
 #   ARMS=dar bash results/long/run.sh ...      trains only these arms (default: "residual dar"), e.g. to start one arm
 #                                               when a core becomes free (record it in restarts.jsonl)
-# Runs go to runs/long/<run>/<arm>/ (checkpoints stay uncommitted); logs are copied to results/long/<run>/.
+# Runs go to runs/long/<run>/<arm>/ (checkpoints stay uncommitted; a copy every 2,000 steps is kept for later scoring);
+# logs are copied to results/long/<run>/. A DAR-only run (ARMS=dar) is compared with the residual arm of the run
+# that results/long/<run>/residual_from names (see summarize.py), once d8_s0_repro has shown that today's code
+# reproduces that arm (results/long/reproduce.py).
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 R=results/long
@@ -17,20 +20,25 @@ d=${1:-}
 if [ -z "$d" ]; then d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz -C "$d"; fi
 all=("d8_s0 8 0 8000" "d12_s0 12 0 6000" "d8_s1 8 1 8000" "d4_s1 4 1 8000"
      "d8_s0_cos 8 0 8000 --warmup 500 --lr-schedule cosine"      # the same with a decaying schedule
-     "w64_d24_s0 24 0 8000 --hidden-size 64 --dar-chunk 4 --compile")   # issue 27: deep and narrow (L = 48, S by the rule)
+     "w64_d24_s0 24 0 8000 --hidden-size 64 --dar-chunk 4 --compile"    # issue 27: deep and narrow (L = 48, S by the rule)
+     "d8_s0_repro 8 0 1000"                                        # issue 27: does today's code give d8_s0's residual?
+     "d8_s0_te 8 0 8000 --dar-query static_t_embed"                # issue 27: e(t) as the paper words it   } ARMS=dar,
+     "d8_s0_c2 8 0 8000 --dar-chunk 2"                             # issue 27: chunk by the rule at L = 16  } against
+     "d8_s0_c1 8 0 8000 --dar-chunk 1")                            # issue 27: dense                        } d8_s0's
 shift || true
-want=" ${*:-d8_s0 d12_s0 d8_s1 d4_s1 d8_s0_cos w64_d24_s0} "
+want=" ${*:-d8_s0 d12_s0 d8_s1 d4_s1 d8_s0_cos w64_d24_s0} "          # (the issue-27 8-block runs: by name)
 for run in "${all[@]}"; do
     set -- $run; name=$1 depth=$2 seed=$3 steps=$4; shift 4       # what is left: options of this run
     [[ $want == *" $name "* ]] || continue
     o=runs/long/$name
-    finished() { grep -q "\"kind\": \"done\", \"step\": $steps," $R/$name/$1/log.jsonl 2>/dev/null; }
+    finished() { grep -q "\"kind\": \"done\", \"step\": $steps," $R/$name/$1/log.jsonl 2>/dev/null || [ -f $R/$name/${1}_from ]; }
     finished residual && finished dar && continue              # both arms' logs are already in results/long
     mkdir -p $o $R/$name
     for arm in ${ARMS:-residual dar}; do
         python train_cifar.py --preset tiny --depth $depth --seed $seed --routing $arm --dataset folder \
             --data-dir "$d/train" --val-dir "$d/test" --val-size 2000 --steps $steps --eval-every 500 \
-            --ckpt-every 500 --log-every 100 --sample-steps 10 --resume auto --out $o "$@" > $o/$arm.log 2>&1 &
+            --ckpt-every 500 --keep-every 2000 --log-every 100 --sample-steps 10 --resume auto --out $o "$@" \
+            >> $o/$arm.log 2>&1 &
     done
     wait
     for arm in ${ARMS:-residual dar}; do mkdir -p $R/$name/$arm; cp $o/$arm/log.jsonl $o/$arm/config.json $R/$name/$arm/; done

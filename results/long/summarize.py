@@ -16,8 +16,16 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def source(run, arm):
+    """The run whose log holds this arm: the run itself, or the run that <run>/<arm>_from names (a DAR-only run
+    compared with an earlier run's residual arm)."""
+    path = os.path.join(HERE, run, f"{arm}_from")
+    return open(path).read().strip() if os.path.exists(path) else run
+
+
 def evals(run, arm, pauses):
     """The eval records of one arm, train_seconds without the recorded pauses before each."""
+    run = source(run, arm)
     with open(os.path.join(HERE, run, arm, "log.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     ev = [r for r in records if r["kind"] == "eval"]
@@ -124,8 +132,8 @@ def main():
     pauses = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     path = os.path.join(HERE, "restarts.jsonl")
     restarts = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    runs = sorted(d for d in os.listdir(HERE) if os.path.exists(os.path.join(HERE, d, "dar", "log.jsonl"))
-                  and os.path.exists(os.path.join(HERE, d, "residual", "log.jsonl")))
+    runs = sorted(d for d in os.listdir(HERE) if all(os.path.exists(os.path.join(HERE, source(d, arm), arm, "log.jsonl"))
+                                                     for arm in ("residual", "dar")))
     summary = [summarize(run, pauses, restarts) for run in runs]
     with open(os.path.join(HERE, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
