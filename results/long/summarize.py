@@ -4,8 +4,8 @@ summary.json, summary.md, readme_table.md (the README's table) and ratio.png nex
 
 For every evaluation step N of the residual arm: how many steps DAR needed to reach the residual arm's validation
 loss at N (linear interpolation between DAR's evaluations; '>' when DAR was already below it at its first
-evaluation, None when it never got there), the ratio N / those steps (above 1: DAR ahead), and the same in training
-time. Training times exclude evaluation, and the pauses recorded in pauses.jsonl (when the runs were stopped so that
+evaluation, None when it never got there), the ratio N / those steps (above 1: DAR ahead; where DAR never got there,
+the residual's step with DAR's loss at N, over N), and the same in training time. Training times exclude evaluation, and the pauses recorded in pauses.jsonl (when the runs were stopped so that
 a benchmark could time a quiet machine). After the other arm had finished, an arm ran on other terms (restarts.jsonl:
 continued with more threads so that the run ends within a session, or sharing the cores with the next run): it has
 no comparable training time after that step, and from there its time ratios are left out.
@@ -67,8 +67,11 @@ def summarize(run, pauses, restarts):
         steps, exact = reach(dar, r["val_loss"], "step")
         secs = reach(dar_timed, r["val_loss"], "train_seconds")[0] if r in res_timed else None
         d = next((x for x in dar if x["step"] == r["step"]), None)
+        ratio = r["step"] / steps if steps else None
+        if steps is None and d is not None:         # DAR never got there: the residual step with DAR's loss at N, / N
+            ratio = reach(res, d["val_loss"], "step")[0] / r["step"]
         rows.append(dict(step=r["step"], residual=r["val_loss"], dar=d and d["val_loss"], dar_steps=steps,
-                         exact=exact, step_ratio=r["step"] / steps if steps else None,
+                         exact=exact, step_ratio=ratio,
                          time_ratio=r["train_seconds"] / secs if secs else None,
                          per_t_gap=d and [a - b for a, b in zip(r["val_loss_per_t"], d["val_loss_per_t"])]))
     with open(os.path.join(HERE, run, "dar", "config.json")) as f:
@@ -108,9 +111,37 @@ def across_seeds(summary, fmt):
     return lines
 
 
+def lead_ends(rows):
+    """The residual step N at which DAR's step ratio first falls to 1 after 1,000 steps (interpolated), or None."""
+    pts = [(r["step"], r["step_ratio"]) for r in rows if r["step"] >= 1000 and r["step_ratio"] and r["exact"]]
+    for (n0, r0), (n1, r1) in zip(pts, pts[1:]):
+        if r0 > 1 >= r1:
+            return n0 + (r0 - 1) / (r0 - r1) * (n1 - n0)
+    return None
+
+
 def readme_table(summary, fmt):
-    """The README's table: one column per residual step N, rows per run for the step ratio, the val-loss gap (DAR -
-    residual) and the time ratio; runs by schedule (constant first), depth, setting, seed."""
+    """The README's table, one row per run: the step ratio at 1,000, 2,000, 4,000 steps and at the last evaluation
+    both arms reached, where the lead ends, the final val-loss gap (DAR - residual) and the last time ratio; runs by
+    schedule (constant first), depth, setting, seed. summary.md has every evaluation."""
+    runs = sorted(summary, key=lambda s: (s["schedule"], s["depth"], s["setting"], s["seed"]))
+    lines = ["| run | DAR x fewer steps at residual step 1,000 / 2,000 / 4,000 / last | the lead ends near step | "
+             "DAR - residual val loss, last | DAR x less training time, last |", "|---|---|---|---|---|"]
+    for s in runs:
+        by_step = {r["step"]: r for r in s["rows"] if r["dar"] is not None}
+        last = max(by_step)
+        ratio = lambda r: r and r["step_ratio"] and ("" if r["exact"] else ">=") + format(r["step_ratio"], ".2f")
+        timed = [r for r in s["rows"] if r["time_ratio"]]
+        end = lead_ends(s["rows"])
+        lines.append(f"| {s['label']} | " + " / ".join(ratio(by_step.get(n)) or "-" for n in (1000, 2000, 4000))
+                     + f" / {ratio(by_step[last])} ({last:,}) | {'-' if end is None else format(round(end, -2), ',.0f')} | "
+                     f"{by_step[last]['dar'] - by_step[last]['residual']:+.4f} ({last:,}) | "
+                     + (f"{timed[-1]['time_ratio']:.2f} ({timed[-1]['step']:,})" if timed else "-") + " |")
+    return lines
+
+
+def wide_table(summary, fmt):
+    """Every evaluation of every run side by side: step ratio, val-loss gap (DAR - residual) and time ratio."""
     runs = sorted(summary, key=lambda s: (s["schedule"], s["depth"], s["setting"], s["seed"]))
     steps = sorted({r["step"] for s in runs for r in s["rows"]})
     lines = ["| residual step N | " + " | ".join(f"{n:,}" for n in steps) + " |", "|---" * (len(steps) + 1) + "|"]
@@ -152,6 +183,7 @@ def main():
                          + (" ".join(f"{g:+.4f}" for g in r["per_t_gap"]) if r["per_t_gap"] else "-") + " |")
         lines.append("")
     lines += across_seeds(summary, fmt)
+    lines += ["## Every run at every evaluation", ""] + wide_table(summary, fmt) + [""]
     with open(os.path.join(HERE, "summary.md"), "w") as f:
         f.write("Written by results/long/summarize.py from the logs in results/long/.\n\n" + "\n".join(lines))
     print("\n".join(lines))
