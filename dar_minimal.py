@@ -269,9 +269,11 @@ class DiT(nn.Module):
         self.initialize_weights()
         if routing == "dar":     # after the backbone's random init, so both routings start from the same weights
             self.router = DepthRouter(hidden_size, 2 * depth, dar_query, dar_chunk)
-        if routing == "dar" and dar_query == "static_t_embed":   # the paper: "the final layer of the t-embedder is
-            nn.init.zeros_(self.t_embedder.mlp[-1].weight)         # zero-initialized, so that e(t) = 0": the one
-            nn.init.zeros_(self.t_embedder.mlp[-1].bias)           # weight in which this arm starts unlike the residual
+        if routing == "dar" and dar_query == "static_t_embed":
+            # the paper: "the final layer of the t-embedder is zero-initialized, so that e(t) = 0 at initialization";
+            # the one layer in which this arm starts unlike the residual DiT
+            nn.init.zeros_(self.t_embedder.mlp[-1].weight)
+            nn.init.zeros_(self.t_embedder.mlp[-1].bias)
 
     def initialize_weights(self):
         """DiT's initialisation: xavier linears, fixed sin-cos positions, adaLN-Zero (zero modulation and output)."""
