@@ -82,7 +82,7 @@ def summarize(run, pauses, restarts):
         + (f", chunk {args['dar_chunk']}" if args["dar_chunk"] != 4 else "") \
         + (f", warm-up {args['warmup']} + cosine" if cosine else "")      # what differs from the first long runs
     return dict(run=run, depth=args["depth"], seed=args["seed"], schedule="cosine" if cosine else "constant",
-                setting=setting, label=setting.replace(" blocks", f" blocks, seed {args['seed']}", 1), rows=rows)
+                setting=setting, label=f"{setting}, seed {args['seed']}", rows=rows)
 
 
 def across_seeds(summary, fmt):
