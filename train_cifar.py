@@ -641,7 +641,8 @@ class StopSignals:
                       "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def agreed(self, args):
-        """The signal to stop on, the same in every process (under torchrun, any process's signal stops all)."""
+        """The signal to stop on, the same in every process (under torchrun, any process's signal stops all; a
+        collective, so the training loop asks only at log lines, all processes at the same steps)."""
         if args.world == 1:
             return self.signum
         flag = torch.tensor([self.signum], device=args.device)
@@ -771,7 +772,8 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
             last = (done, time.time())
             log.write(kind="train", step=done, loss=mean_loss, lr=lr, steps_per_s=rate, images_per_s=rate * B)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.1e}", it_s=f"{rate:.2f}", img_s=f"{rate * B:.0f}")
-        signum = stop.agreed(args) if stop and done < args.steps else 0      # (a finished arm simply finishes)
+        agree_now = args.world == 1 or done % args.log_every == 0          # torchrun: agree at log lines, no per-step sync
+        signum = stop.agreed(args) if stop and agree_now and done < args.steps else 0   # (a finished arm finishes)
         evaluate_now = done % args.eval_every == 0 or done == args.steps
         save_now = done % args.ckpt_every == 0 or done == args.steps or signum
         if evaluate_now or save_now:
