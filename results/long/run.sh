@@ -11,8 +11,10 @@
 #                                               when a core becomes free (record it in restarts.jsonl)
 # Runs go to runs/long/<run>/<arm>/ (checkpoints stay uncommitted; a copy every 2,000 steps is kept for later scoring);
 # logs are copied to results/long/<run>/. d8_s0_repro did not give d8_s0's residual arm to 4 decimals at 1,000 steps
-# (reproduce.json: the same losses to 1e-7 for 300 steps, then float drift), so the 8-block issue-27 runs train both
-# arms; a DAR-only run could otherwise be compared with another run's residual (results/long/<run>/residual_from).
+# (reproduce.json: the same losses to 1e-7 for 300 steps, then float drift), so the 8-block issue-27 runs train their
+# own residual arm, once: d8_s0_te trains both arms (the residual arm ignores --dar-query and --dar-chunk), d8_s0_c2
+# and d8_s0_c1 only DAR, compared with d8_s0_te's residual (results/long/<run>/residual_from names it). They run
+# compiled, as w64_d24_s0 (the 8-block runs of issue 18 ran eager).
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 R=results/long
@@ -22,9 +24,9 @@ all=("d8_s0 8 0 8000" "d12_s0 12 0 6000" "d8_s1 8 1 8000" "d4_s1 4 1 8000"
      "d8_s0_cos 8 0 8000 --warmup 500 --lr-schedule cosine"      # the same with a decaying schedule
      "w64_d24_s0 24 0 8000 --hidden-size 64 --dar-chunk 4 --compile"    # issue 27: deep and narrow (L = 48, S by the rule)
      "d8_s0_repro 8 0 1000"                                        # issue 27: does today's code give d8_s0's residual?
-     "d8_s0_te 8 0 8000 --dar-query static_t_embed"                # issue 27: e(t) as the paper words it
-     "d8_s0_c2 8 0 8000 --dar-chunk 2"                             # issue 27: chunk by the rule at L = 16
-     "d8_s0_c1 8 0 8000 --dar-chunk 1")                            # issue 27: dense
+     "d8_s0_te 8 0 8000 --compile --dar-query static_t_embed"      # issue 27: e(t) as the paper words it
+     "d8_s0_c2 8 0 8000 --compile --dar-chunk 2"                   # issue 27: chunk by the rule at L = 16
+     "d8_s0_c1 8 0 8000 --compile --dar-chunk 1")                  # issue 27: dense
 shift || true
 want=" ${*:-d8_s0 d12_s0 d8_s1 d4_s1 d8_s0_cos w64_d24_s0} "          # (the issue-27 8-block runs: by name)
 for run in "${all[@]}"; do
@@ -34,12 +36,13 @@ for run in "${all[@]}"; do
     finished() { grep -q "\"kind\": \"done\", \"step\": $steps," $R/$name/$1/log.jsonl 2>/dev/null || [ -f $R/$name/${1}_from ]; }
     finished residual && finished dar && continue              # both arms' logs are already in results/long
     mkdir -p $o $R/$name
-    for arm in ${ARMS:-residual dar}; do
+    arms=$(for a in ${ARMS:-residual dar}; do [ -f $R/$name/${a}_from ] || echo $a; done)   # not another run's
+    for arm in $arms; do
         python train_cifar.py --preset tiny --depth $depth --seed $seed --routing $arm --dataset folder \
             --data-dir "$d/train" --val-dir "$d/test" --val-size 2000 --steps $steps --eval-every 500 \
             --ckpt-every 500 --keep-every 2000 --log-every 100 --sample-steps 10 --resume auto --out $o "$@" \
             >> $o/$arm.log 2>&1 &
     done
     wait
-    for arm in ${ARMS:-residual dar}; do mkdir -p $R/$name/$arm; cp $o/$arm/log.jsonl $o/$arm/config.json $R/$name/$arm/; done
+    for arm in $arms; do mkdir -p $R/$name/$arm; cp $o/$arm/log.jsonl $o/$arm/config.json $R/$name/$arm/; done
 done
