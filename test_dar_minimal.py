@@ -542,6 +542,8 @@ def bench_module():
 def test_bench_writes_every_arm_with_both_ratios(tmp_path, monkeypatch):
     bench = bench_module()
     monkeypatch.setattr(bench, "peak_memory", lambda args, overrides, compiled: 2 ** 20)   # one child each: slow
+    monkeypatch.setattr(bench, "others_share", lambda *a: 0.0)                    # the test machine may be busy
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     result = bench.main(BENCH + ["--out", str(tmp_path)])
     rows = {r["arm"]: r for r in result["rows"]}
     assert len(rows) == 6 and rows["d2 residual eager"]["time_ratio"] == rows["d2 residual eager"]["paired_ratio"] == 1
@@ -550,6 +552,22 @@ def test_bench_writes_every_arm_with_both_ratios(tmp_path, monkeypatch):
     assert "x residual, paired" in open(os.path.join(tmp_path, "bench.md")).read()
     with pytest.raises(SystemExit):
         bench.parse_args(["--dar", "static_t"])                                 # query:chunk expected
+
+
+def test_bench_refuses_a_busy_machine_unless_allowed_and_then_says_so(tmp_path, monkeypatch):
+    bench = bench_module()
+    monkeypatch.setattr(bench, "peak_memory", lambda args, overrides, compiled: None)
+    monkeypatch.setattr(bench, "others_share", lambda *a: 0.5)                    # half the CPU went to other jobs
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    with pytest.raises(SystemExit, match="busy"):
+        bench.main(BENCH + ["--no-memory", "--out", str(tmp_path)])
+    assert not os.path.exists(os.path.join(tmp_path, "bench.json"))
+    result = bench.main(BENCH + ["--no-memory", "--allow-busy", "--out", str(tmp_path)])
+    assert result["load"]["busy"] and result["load"]["others_cpu_share"] == 0.5
+    assert "BUSY machine" in open(os.path.join(tmp_path, "bench.md")).read()
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))               # busy before it starts: refused
+    with pytest.raises(SystemExit, match="load average"):
+        bench.main(BENCH + ["--no-memory", "--out", str(tmp_path / "again")])
 
 
 def test_bench_cpu_peak_memory_of_one_arm_in_a_child_process():

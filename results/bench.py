@@ -10,7 +10,10 @@ process and alternated within every round, so a slow spell of the machine hits t
 warm-up (compilation) and are not timed. Reported per arm: median step time, min-max, the ratio of medians to the
 residual arm of the same depth and mode, and the median of the per-round ratios (paired). Peak memory of each arm
 is measured alone: on CUDA the allocator's peak over two steps; on the CPU the growth of a fresh child process's
-peak resident memory over building the arm and two steps.
+peak resident memory over building the arm and two steps. Timings need an idle machine: the 1-minute load average
+before and after, and the share of the CPU time other processes took during the timed rounds, go into the result;
+when other processes took more than 10% (--max-busy), no result is written unless --allow-busy is given (the
+table then says so).
 """
 import argparse
 import json
@@ -43,6 +46,8 @@ def parse_args(argv=None):
     a("--no-memory", action="store_true", help="time only")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--out", default="runs/bench")
+    a("--max-busy", type=float, default=0.1, help="the most CPU share other processes may take while timing")
+    a("--allow-busy", action="store_true", help="write the result even on a busy machine (marked as such)")
     args = p.parse_args(argv)
     for spec in args.dar:
         query, _, chunk = spec.partition(":")
@@ -128,6 +133,24 @@ def peak_memory(args, overrides, compiled):
     return queue.get()
 
 
+def cpu_seconds():
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its waited-for children), or None
+    where /proc/stat does not exist."""
+    if not os.path.exists("/proc/stat"):
+        return None
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]        # user nice system idle iowait irq softirq steal
+    t = os.times()
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
+
+
+def others_share(before, after, wall):
+    """The share of the machine's CPU time that other processes took between two cpu_seconds() readings."""
+    if before is None:
+        return None
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / (wall * os.cpu_count())
+
+
 def machine():
     """A short description of the machine."""
     if torch.cuda.is_available():
@@ -143,6 +166,10 @@ def main(argv=None):
     fmt = lambda v, f: "-" if v is None else format(v, f)
     print(f"bench on {machine()}: batch {args.batch_size}, {args.image_size} px, patch {args.patch_size}, "
           f"width {args.hidden_size}, {args.precision}, {len(todo)} arms, {args.repeats} timed rounds")
+    load_before = os.getloadavg()[0]
+    if load_before > 2 * args.max_busy * os.cpu_count() and not args.allow_busy:
+        sys.exit(f"bench: the machine is busy (1-minute load average {load_before:.2f} on {os.cpu_count()} cores): "
+                 "stop the other jobs and wait a minute, or give --allow-busy")
     memory = {}
     for label, o, c in todo:
         memory[label] = None if args.no_memory else peak_memory(args, o, c)
@@ -151,6 +178,8 @@ def main(argv=None):
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     times = {label: [] for label in steps}
     for rnd in range(args.repeats + 2):                                # two warm-up rounds (and compilation)
+        if rnd == 2:
+            cpu0, wall0 = cpu_seconds(), time.perf_counter()
         for label, step in steps.items():
             sync()
             t0 = time.perf_counter()
@@ -158,6 +187,9 @@ def main(argv=None):
             sync()
             if rnd >= 2:
                 times[label].append(time.perf_counter() - t0)
+    busy = others_share(cpu0, cpu_seconds(), time.perf_counter() - wall0)
+    load = dict(load_average_before=load_before, load_average_after=os.getloadavg()[0], others_cpu_share=busy,
+                busy=busy is not None and busy > args.max_busy)
     rows = []
     for label, o, c in todo:
         ref = f"d{o['depth']} residual {'compiled' if c else 'eager'}"
@@ -173,14 +205,23 @@ def main(argv=None):
                       [f"| {r['arm']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | "
                        f"{r['time_ratio']:.3f} | {r['paired_ratio']:.3f} | {fmt(r['peak_memory_mb'], '.0f')} | "
                        f"{fmt(r['memory_ratio'], '.3f')} |" for r in rows])
-    print(table)
+    said = (f"load: 1-minute load average {load['load_average_before']:.2f} before, "
+            f"{load['load_average_after']:.2f} after (with this benchmark's own); other processes took "
+            + (f"{100 * busy:.1f}% of the CPU time while timing" if busy is not None else "an unknown share (no /proc/stat)"))
+    if load["busy"]:
+        said = f"**Measured on a busy machine (--allow-busy): the times are too high.** {said}"
+        table = table.replace("step ms (median)", "step ms (median, BUSY machine)")
+    print(table + "\n" + said)
+    if load["busy"] and not args.allow_busy:
+        sys.exit(f"bench: not written, the machine was busy: other processes took {100 * busy:.0f}% of the CPU time "
+                 f"(more than --max-busy {args.max_busy}); stop them and run again, or give --allow-busy")
     command = " ".join(["python", "results/bench.py"] + (sys.argv[1:] if argv is None else list(argv)))
-    result = dict(machine=machine(), torch=torch.__version__, command=command, config=vars(args), rows=rows)
+    result = dict(machine=machine(), torch=torch.__version__, command=command, config=vars(args), load=load, rows=rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(f"{result['machine']}\n\n`{command}`\n\n{table}\n")
+        f.write(f"{result['machine']}\n\n`{command}`\n\n{said}\n\n{table}\n")
     return result
 
 
