@@ -441,10 +441,16 @@ import os
 
 import numpy as np
 
+import tools.compare
+import tools.diagnose
+import tools.sample
 import train_cifar
+from tools import fid
+from tools.compare import compare
+from tools.data import make_shapes
 
-
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_cifar.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "train_cifar.py")
 MICRO = ["--dataset", "shapes", "--image-size", "16", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
          "--patch-size", "4", "--batch-size", "8", "--val-size", "16", "--sample-steps", "2", "--log-every", "1",
          "--device", "cpu"]                                  # a micro model on the built-in shapes data (16 px)
@@ -477,15 +483,18 @@ def test_compare_end_to_end(tmp_path):
     assert c["residual_final_val_loss"] == c["arms"]["residual"]["final_val_loss"]
     seconds = c["arms"]["dar"]["train_seconds_at_eval"]                      # training time only, growing
     assert 0 < seconds[0] < seconds[1] <= c["arms"]["dar"]["train_seconds"]
+    again = tools.compare.main([out])                                       # the script, from the logs alone
+    assert again["arms"] == c["arms"] and again["val_t_grid"] == c["val_t_grid"] == train_cifar.VAL_T
+    with pytest.raises(ValueError, match="holds no residual arm"):
+        tools.compare.main([str(tmp_path)])
 
 
 def test_comparison_summary_says_what_happened(tmp_path, capsys):
     evals = lambda losses, seconds: [dict(kind="eval", step=100 * (k + 1), val_loss=v, val_loss_per_t=[v] * 8,
                                           train_seconds=seconds * (k + 1)) for k, v in enumerate(losses)]
     done = lambda seconds: [dict(kind="done", step=400, train_seconds=4 * seconds, eval_seconds=5.0)]
-    args = train_cifar.parse_args(["--out", str(tmp_path), "--device", "cpu"])
-    ahead = train_cifar.compare(dict(residual=evals([0.5, 0.4, 0.3, 0.2], 10) + done(10),
-                                     dar=evals([0.4, 0.2, 0.15, 0.1], 12) + done(12)), args)
+    ahead = compare(dict(residual=evals([0.5, 0.4, 0.3, 0.2], 10) + done(10),
+                         dar=evals([0.4, 0.2, 0.15, 0.1], 12) + done(12)), str(tmp_path))
     text = capsys.readouterr().out
     assert ahead["speedup_in_steps"] == 2.0 and ahead["speedup_in_train_time"] == 40 / 24
     for line in ["final val loss: residual 0.2000, DAR 0.1000", "step ~200 of 400: 2.00x fewer steps",
@@ -493,8 +502,8 @@ def test_comparison_summary_says_what_happened(tmp_path, capsys):
                  f"picture: {tmp_path / 'compare.png'}", "need not last"]:
         assert line in text, line
     assert os.path.exists(tmp_path / "compare.png")
-    behind = train_cifar.compare(dict(residual=evals([0.5, 0.4, 0.3, 0.2], 10) + done(10),
-                                      dar=evals([0.5, 0.45, 0.35, 0.25], 12) + done(12)), args)
+    behind = compare(dict(residual=evals([0.5, 0.4, 0.3, 0.2], 10) + done(10),
+                          dar=evals([0.5, 0.45, 0.35, 0.25], 12) + done(12)), str(tmp_path))
     text = capsys.readouterr().out
     assert behind["speedup_in_steps"] is None and "did not reach the residual's final val loss within 400" in text
     assert "in training time: not within the residual's 40 s" in text
@@ -798,10 +807,10 @@ def test_resume_may_change_steps_evaluation_and_logging_under_a_constant_schedul
 
 
 def test_shapes_are_deterministic_and_classes_differ():
-    x1, y1 = train_cifar.make_shapes(200, 16, seed=5)
-    x2, y2 = train_cifar.make_shapes(200, 16, seed=5)
+    x1, y1 = make_shapes(200, 16, seed=5)
+    x2, y2 = make_shapes(200, 16, seed=5)
     assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.dtype == torch.uint8
-    assert not torch.equal(x1, train_cifar.make_shapes(200, 16, seed=6)[0])
+    assert not torch.equal(x1, make_shapes(200, 16, seed=6)[0])
     means = torch.stack([x1[y1 == k].float().mean(0) for k in range(10)])           # class-mean images
     distances = torch.cdist(means.flatten(1), means.flatten(1))
     assert distances[~torch.eye(10, dtype=torch.bool)].min() > 100                    # every pair of classes differs
@@ -817,32 +826,26 @@ def test_frechet_distance_matches_the_closed_form():
     R = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]       # shared eigenvectors
     a, b = torch.rand(6, generator=g, dtype=torch.float64) + 0.1, torch.rand(6, generator=g, dtype=torch.float64) + 0.1
     mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
-    fd = train_cifar.frechet_distance(mu1, R @ torch.diag(a) @ R.T, mu2, R @ torch.diag(b) @ R.T)
+    fd = fid.frechet_distance(mu1, R @ torch.diag(a) @ R.T, mu2, R @ torch.diag(b) @ R.T)
     expected = (mu1 - mu2).pow(2).sum() + (a.sqrt() - b.sqrt()).pow(2).sum()
     assert abs(fd - expected.item()) < 1e-9
-    assert abs(train_cifar.frechet_distance(mu1, R @ torch.diag(a) @ R.T, mu1, R @ torch.diag(a) @ R.T)) < 1e-9
-
-
-def test_fid_feature_path_runs_with_random_inception_weights():
-    net = train_cifar.load_inception("cpu", pretrained=False)
-    feats = train_cifar.inception_features(net, torch.rand(3, 3, 16, 16) * 2 - 1, "cpu")
-    assert feats.shape == (3, 2048) and torch.isfinite(feats).all()
+    assert abs(fid.frechet_distance(mu1, R @ torch.diag(a) @ R.T, mu1, R @ torch.diag(a) @ R.T)) < 1e-9
 
 
 def test_pytorch_fid_backend_with_random_weights_and_a_cached_reference(tmp_path, monkeypatch):
     inception = pytest.importorskip("pytorch_fid.inception")
     monkeypatch.setattr(inception, "fid_inception_v3",                      # its architecture, no weights download
                         lambda: inception._inception_v3(num_classes=1008, aux_logits=False, weights=None))
-    net = train_cifar.load_inception("cpu", "pytorch-fid")
-    feats = train_cifar.inception_features(net, torch.rand(3, 3, 16, 16) * 2 - 1, "cpu", "pytorch-fid")
+    net = fid.load_inception("cpu")
+    feats = fid.features(net, torch.rand(3, 3, 16, 16) * 2 - 1, "cpu")
     assert feats.shape == (3, 2048) and feats.dtype == torch.float64 and torch.isfinite(feats).all()
     args = train_cifar.parse_args(["--dataset", "shapes", "--image-size", "16", "--fid-samples", "6",
-                                   "--fid-backend", "pytorch-fid", "--out", str(tmp_path), "--device", "cpu"])
-    data = dict(train_x=train_cifar.make_shapes(20, 16, 0)[0])
-    mu, cov = train_cifar.fid_reference(net, data, args)
+                                   "--out", str(tmp_path), "--device", "cpu"])
+    data = dict(train_x=make_shapes(20, 16, 0)[0])
+    _, mu, cov = fid.setup(data, args)
     assert mu.shape == (2048,) and cov.shape == (2048, 2048) and os.path.exists(args.fid_reference)
-    monkeypatch.setattr(train_cifar, "inception_features", lambda *a, **k: pytest.fail("the cache was not used"))
-    assert torch.equal(train_cifar.fid_reference(net, data, args)[0], mu)
+    monkeypatch.setattr(fid, "features", lambda *a, **k: pytest.fail("the cache was not used"))
+    assert torch.equal(fid.setup(data, args)[1], mu)
 
 
 def test_fid_without_the_package_or_its_weights_is_one_line_and_training_goes_on(tmp_path, monkeypatch, capsys):
@@ -853,13 +856,13 @@ def test_fid_without_the_package_or_its_weights_is_one_line_and_training_goes_on
     def offline():
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(inception, "fid_inception_v3", offline)              # the weights cannot be downloaded
-    assert train_cifar.load_inception("cpu", "pytorch-fid") is None
+    assert fid.load_inception("cpu") is None
     assert "weights could not be loaded (URLError" in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "pytorch_fid.inception", None)          # the package is not installed
-    assert train_cifar.load_inception("cpu", "pytorch-fid") is None
+    assert fid.load_inception("cpu") is None
     assert "pip install pytorch-fid" in capsys.readouterr().out
-    monkeypatch.setattr(train_cifar, "load_inception", lambda *a: print("FID skipped: no weights offline"))
-    out = run(tmp_path, "--routing", "residual", "--fid-every", "2", "--fid-backend", "pytorch-fid")
+    monkeypatch.setattr(fid, "load_inception", lambda *a: print("FID skipped: no weights offline"))
+    out = run(tmp_path, "--routing", "residual", "--fid-every", "2")
     assert [r["step"] for r in read_log(os.path.join(out, "residual", "log.jsonl")) if r["kind"] == "done"] == [4]
 
 
@@ -906,10 +909,14 @@ def test_validation_subset_of_a_class_sorted_folder_is_random_not_the_first_clas
     assert torch.equal(train_cifar.load_data(args)["val_y"], data["val_y"])     # the same subset every time
 
 
-def test_sample_only_writes_grid_and_npz(tmp_path):
+def test_the_sample_script_writes_grid_and_npz(tmp_path):
+    import subprocess
+    import sys
     out = run(tmp_path, "--routing", "dar", "--steps", "2")
     ckpt = os.path.join(out, "dar", "ckpt.pt")
-    train_cifar.main(["--sample-only", "--ckpt", ckpt, "--num-samples", "5", "--sample-steps", "2", "--device", "cpu"])
+    done = subprocess.run([sys.executable, os.path.join(HERE, "tools", "sample.py"), ckpt, "--num-samples", "5",
+                           "--sample-steps", "2", "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and "5 samples" in done.stdout, done.stderr
     images = np.load(os.path.join(out, "dar", "ckpt_samples5.npz"))["images"]
     assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
     assert os.path.exists(os.path.join(out, "dar", "ckpt_samples5.png"))
@@ -1037,9 +1044,9 @@ def test_checkpoints_load_safely_and_a_foreign_file_gets_one_line(tmp_path):
                           ("other.pt", "not a checkpoint of train_cifar.py"), ("code.pt", "not a readable checkpoint")]:
         path = str(tmp_path / name)
         with pytest.raises(ValueError, match=message):
-            train_cifar.main(["--sample-only", "--ckpt", path, "--device", "cpu"])
+            tools.sample.main([path, "--device", "cpu"])
         with pytest.raises(ValueError, match=message):
-            train_cifar.main(["--diagnose", path, "--device", "cpu"])
+            tools.diagnose.main([path, "--dataset", "shapes", "--device", "cpu", "--out", str(tmp_path / "d")])
     os.replace(tmp_path / "truncated.pt", ckpt)
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         run(tmp_path, "--routing", "dar", "--steps", "4", "--resume")
@@ -1130,23 +1137,19 @@ def test_timestep_probe_recovers_linear_t_and_not_noise():
     assert abs(ridge_r2(noise[:200], t[:200], noise[200:], t[200:])) < 0.15
 
 
-def test_diagnose_command_writes_json_and_pictures(tmp_path):
+def test_diagnose_script_writes_json_and_pictures(tmp_path):
+    pytest.importorskip("matplotlib")
     for arm in ("residual", "dar"):
         run(tmp_path, "--routing", arm, "--steps", "2", out=arm)
     out = str(tmp_path / "diag")
-    train_cifar.main(["--diagnose", str(tmp_path / "residual" / "residual" / "ckpt.pt"),
-                      str(tmp_path / "dar" / "dar" / "ckpt.pt"), "--dataset", "shapes", "--image-size", "16",
-                      "--val-size", "16", "--device", "cpu", "--out", out])
+    tools.diagnose.main([str(tmp_path / "residual" / "residual" / "ckpt.pt"), str(tmp_path / "dar" / "dar" / "ckpt.pt"),
+                         "--dataset", "shapes", "--image-size", "16", "--val-size", "16", "--device", "cpu",
+                         "--out", out])
     with open(os.path.join(out, "diagnostics.json")) as f:
         report = json.load(f)
     assert set(report) == {"residual", "dar"}
     assert len(report["dar"]["flow"]["1.0"]["forward_rms"]) == 2 and len(report["dar"]["probe"]["blocks"]) == 2
     names = os.listdir(out)
-    expected = {"routing_dar_reader2.png", "routing_dar_overview.png", "importance_residual_overview.png"}
-    try:                                                              # line plots need matplotlib (optional)
-        import matplotlib  # noqa: F401
-        expected |= {"flow.png", "probe.png"}
-    except ImportError:
-        pass
-    assert expected <= set(names)
+    assert {"routing_dar_reader2.png", "routing_dar_overview.png", "importance_residual_overview.png", "flow.png",
+            "probe.png"} <= set(names)
     assert len(report["residual"]["importance"]) == len(report["dar"]["routing"]) == 10     # the same t grid

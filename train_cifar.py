@@ -8,8 +8,10 @@ train_cifar.py: train a DiT with residual or DAR routing by flow matching, and c
 
 Both arms of a comparison see the same initial weights (the router is created last), the same data order and
 the same t, noise, flip and label-dropout draws: every random draw of training is a function of (seed, step),
-made for the whole batch (each torchrun process takes its part), which also makes --resume exact. Evaluation uses the EMA weights, a fixed validation subset, a fixed grid of t
-and fixed noise, identical for every evaluation and both arms.
+made for the whole batch (each torchrun process takes its part), which also makes --resume exact. Evaluation uses
+the EMA weights, a fixed validation subset, a fixed grid of t and fixed noise, identical for every evaluation and
+both arms. Secondary jobs have their own scripts in tools/: samples of a checkpoint (sample.py), the paper's
+diagnostics (diagnose.py), the comparison of a run's arms from their logs (compare.py).
 """
 import argparse
 import copy
@@ -24,10 +26,12 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dar_minimal import QUERIES, DiT, flow_matching_loss, sample
+from tools import fid
+from tools.data import SHAPE_NAMES, load_cifar10, load_image_folder, load_latents, make_shapes
+from tools.compare import compare
 
 PRESETS = {  # model, optimiser, length; evaluation: every eval_every steps on val_size images, grids every sample_every
     "quick": dict(depth=4, hidden_size=128, num_heads=4, patch_size=4, batch_size=64, lr=1e-3, ema_decay=0.999,
@@ -81,8 +85,6 @@ def parse_args(argv=None):
     a("--cfg-scale", type=float, default=1.5)
     a("--fid-every", type=int, default=0, help="0: no FID")
     a("--fid-samples", type=int, default=5000, help="published CIFAR-10 FIDs use 50000")
-    a("--fid-backend", default="torchvision", choices=["torchvision", "pytorch-fid"],
-      help="pytorch-fid (optional package): the TF-Inception of published FIDs; torchvision: compare runs only")
     a("--ckpt-every", type=int, default=1000)
     a("--keep-every", type=int, default=0, help="also keep a copy ckpt_<step>.pt of every Nth step's checkpoint "
       "(a multiple of --ckpt-every; 0: none), e.g. to score a run's EMA weights later")
@@ -91,12 +93,6 @@ def parse_args(argv=None):
       help="continue each arm from its checkpoint in --out (an error where there is none); "
            "--resume auto: continue where a checkpoint exists, start the other arms new")
     a("--overwrite", action="store_true", help="delete the run already in --out and start over")
-    a("--sample-only", action="store_true", help="write samples of --ckpt and stop")
-    a("--ckpt", help="--sample-only: the checkpoint")
-    a("--num-samples", type=int, default=100)
-    a("--diagnose", nargs="+", metavar="CKPT", help="diagnostics of one or two checkpoints (see diagnose())")
-    a("--diagnose-t", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25],
-      help="--diagnose: t of the flow statistics (the figure shows the first)")
     args = p.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     if args.steps is not None:     # a length of one's own: 4 evaluations, sample grids as often as the preset's
@@ -121,7 +117,7 @@ def check_args(args):
         if not ok:
             raise ValueError(message)
     for name in ("depth", "hidden_size", "num_heads", "patch_size", "batch_size", "steps", "image_size", "val_size",
-                 "sample_steps", "eval_every", "sample_every", "ckpt_every", "log_every", "num_samples", "fid_samples",
+                 "sample_steps", "eval_every", "sample_every", "ckpt_every", "log_every", "fid_samples",
                  "dar_chunk"):
         need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     for name in ("warmup", "fid_every", "keep_every"):
@@ -133,12 +129,11 @@ def check_args(args):
     need(0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     need(0 <= args.class_dropout < 1, f"--class-dropout must be in [0, 1), got {args.class_dropout}")
     need(math.isfinite(args.cfg_scale), f"--cfg-scale must be finite, got {args.cfg_scale}")
-    need(args.cfg_scale == 1 or args.class_dropout > 0 or args.sample_only or args.diagnose,
+    need(args.cfg_scale == 1 or args.class_dropout > 0,
          f"--cfg-scale {args.cfg_scale} needs the unconditional (null-class) model, which only label dropout trains: "
          "give --class-dropout > 0, or --cfg-scale 1 (no guidance)")
     need(args.hidden_size % args.num_heads == 0,
          f"--hidden-size ({args.hidden_size}) must be divisible by --num-heads ({args.num_heads})")
-    need(all(0 <= t <= 1 for t in args.diagnose_t), f"--diagnose-t values must be in [0, 1], got {args.diagnose_t}")
     need(args.arms and all(r in ("residual", "dar") for r in args.arms) and len(set(args.arms)) == len(args.arms),
          f"--routing must be residual, dar or residual,dar; got {args.routing!r}")
     need(not (args.resume and args.overwrite), "--resume continues the run in --out, --overwrite deletes it: not both")
@@ -154,94 +149,9 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: the whole training set as one in-memory tensor (uint8 for images), augmented on the device
+# Data: the whole training set as one in-memory tensor (uint8 for images), augmented on the device; the
+# readers of each data set are in tools/data.py
 # ----------------------------------------------------------------------------------------------------
-
-SHAPE_NAMES = ["disc", "ring", "square", "frame", "plus", "x", "triangle", "bar", "two dots", "crescent"]
-
-
-def make_shapes(n, size, seed):
-    """n images (uint8, N x 3 x size x size) of 10 classes of shapes, deterministic from seed: one shaded object of its
-    class's shape and colour, near the centre, slightly moved, scaled and rotated, on a plain dark background. The
-    classes differ in their coarse outline (filled or hollow, round or square, lines, two parts), so that a few minutes
-    of training on a CPU draw recognisable samples."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randperm(n, generator=g) % 10
-    u = lambda *s: torch.rand(*s, generator=g)
-    c = torch.linspace(-1, 1, size)
-    yy, xx = torch.meshgrid(c, c, indexing="ij")
-    cx, cy, r = (u(n, 1, 1) - 0.5) * 0.16, (u(n, 1, 1) - 0.5) * 0.16, 0.62 + 0.08 * u(n, 1, 1)
-    a = (u(n, 1, 1) - 0.5) * math.pi / 9                                       # rotation, +-10 degrees
-    dx = (torch.cos(a) * (xx - cx) + torch.sin(a) * (yy - cy)) / r
-    dy = (-torch.sin(a) * (xx - cx) + torch.cos(a) * (yy - cy)) / r
-    rho, box = (dx ** 2 + dy ** 2).sqrt(), torch.maximum(dx.abs(), dy.abs())
-    masks = [rho < 1,                                                           # disc
-             (rho < 1) & (rho > 0.55),                                          # ring
-             box < 0.8,                                                         # square
-             (box < 0.85) & (box > 0.45),                                       # frame
-             ((dx.abs() < 0.28) | (dy.abs() < 0.28)) & (box < 1),               # plus
-             (((dx - dy).abs() < 0.38) | ((dx + dy).abs() < 0.38)) & (box < 0.85),   # x
-             (dy < 0.7) & (dx.abs() < (dy + 1) / 1.7),                          # triangle
-             (dy.abs() < 0.3) & (dx.abs() < 1),                                 # bar
-             ((dx.abs() - 0.5) ** 2 + dy ** 2 < 0.16),                          # two dots
-             (rho < 1) & ((dx - 0.45) ** 2 + (dy + 0.2) ** 2 > 0.6)]            # crescent
-    mask = torch.stack(masks, 1)[torch.arange(n), y]                            # (n, size, size)
-    palette = torch.tensor([[.9, .2, .2], [.2, .75, .2], [.2, .35, .95], [.95, .8, .1], [.8, .25, .85],
-                            [.1, .8, .8], [.95, .55, .1], [.95, .95, .95], [.95, .45, .65], [.45, .95, .55]])
-    fg = (palette[y] + 0.2 * (u(n, 3) - 0.5)).clamp(0, 1)[:, :, None, None]
-    fg = fg * (1 - 0.25 * (dx + dy)[:, None] / 2).clamp(0.6, 1.4)              # lit from the top left
-    img = torch.where(mask[:, None], fg, 0.25 * u(n, 3, 1, 1))                  # on a dark background of any colour
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
-
-
-def load_image_folder(path, size):
-    """An ImageFolder tree resized and centre-cropped to size, as one uint8 tensor and its labels."""
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-    if not path or not os.path.isdir(path):
-        raise ValueError(f"--data-dir/--val-dir must be an existing ImageFolder directory, got {path!r}")
-    try:
-        ds = ImageFolder(path, transform=T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()]))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise ValueError(f"no images found in {path!r} (expected class subfolders of images): {e}") from None
-    loader = torch.utils.data.DataLoader(ds, batch_size=500, num_workers=min(8, os.cpu_count() or 1))
-    try:
-        xs, ys = zip(*loader)
-    except Exception:                                  # find the unreadable file (worker errors do not name it)
-        for file, _ in ds.samples:
-            try:
-                ds.loader(file)
-            except Exception as e:
-                raise ValueError(f"cannot read image {file!r} ({type(e).__name__}: {e})") from None
-        raise
-    return torch.cat(xs), torch.cat(ys), ds.classes
-
-
-def load_latents(path):
-    """x (N, C, H, W) float and y (N,) labels from a .pt or .npz file, checked: shapes, integer labels >= 0, finite x."""
-    expected = "--data-path must be a .pt or .npz file holding x (N, C, H, W) and integer labels y (N,)"
-    if not path or not os.path.isfile(path):
-        raise ValueError(f"{expected}; got {path!r}")
-    try:
-        if path.endswith(".npz"):
-            import numpy as np
-            with np.load(path) as z:
-                x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
-        else:
-            z = torch.load(path, map_location="cpu", weights_only=True)
-            x, y = torch.as_tensor(z["x"]), torch.as_tensor(z["y"])
-    except Exception as e:
-        raise ValueError(f"{expected}; could not read x and y from {path!r} ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    if x.ndim != 4 or y.shape != (len(x),) or y.is_floating_point() or y.is_complex() or len(x) < 2:
-        raise ValueError(f"{expected}; {path!r} has x {tuple(x.shape)} and y {tuple(y.shape)} {y.dtype}")
-    x, y = x.float(), y.long()
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{path!r}: x holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
-    if (y < 0).any():
-        raise ValueError(f"{path!r}: labels y must be >= 0, found {int(y.min())}")
-    return x, y
-
 
 def held_out(x, y, n_val, seed):
     """Split off a deterministic validation part of n_val items."""
@@ -250,18 +160,9 @@ def held_out(x, y, n_val, seed):
 
 
 def load_data(args):
-    """dict(train_x, train_y, val_x, val_y, num_classes, images): images are uint8, latents float."""
+    """dict(train_x, train_y, val_x, val_y, num_classes, class_names, images): images are uint8, latents float."""
     if args.dataset == "cifar10":
-        from torchvision.datasets import CIFAR10
-        try:
-            train, test = (CIFAR10(args.data_root, train=s, download=True) for s in (True, False))
-        except Exception as e:
-            raise ValueError(f"CIFAR-10 is not in --data-root {args.data_root!r} and could not be downloaded ({e}). "
-                             "Alternatives: --dataset folder --data-dir DIR (e.g. the CIFAR-10 JPEG copy), "
-                             "--dataset shapes (built in, offline), or --dataset latents --data-path FILE.") from None
-        to_t = lambda d: torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous()
-        data = dict(train_x=to_t(train), train_y=torch.tensor(train.targets), val_x=to_t(test),
-                    val_y=torch.tensor(test.targets), num_classes=10, class_names=train.classes)
+        x, y, vx, vy, classes = load_cifar10(args.data_root)
     elif args.dataset == "folder":
         x, y, classes = load_image_folder(args.data_dir, args.image_size)
         if args.val_dir:
@@ -271,21 +172,18 @@ def load_data(args):
                                  f"order): {args.val_dir!r} has {val_classes}, {args.data_dir!r} has {classes}")
         else:
             x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
-        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=len(classes), class_names=classes)
     elif args.dataset == "latents":
         x, y = load_latents(args.data_path)
         x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
-        k = int(y.max()) + 1
-        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=k, class_names=[str(c) for c in range(k)])
+        classes = [str(c) for c in range(int(y.max()) + 1)]
     else:
-        x, y = make_shapes(10000, args.image_size, args.seed)
+        x, y, classes = *make_shapes(10000, args.image_size, args.seed), SHAPE_NAMES
         vx, vy = make_shapes(1000, args.image_size, args.seed + 1)
-        data = dict(train_x=x, train_y=y, val_x=vx, val_y=vy, num_classes=10, class_names=SHAPE_NAMES)
-    data["images"] = data["train_x"].dtype == torch.uint8
-    if len(data["train_x"]) == 0 or len(data["val_x"]) == 0:
+    if len(x) == 0 or len(vx) == 0:
         raise ValueError(f"the {args.dataset} data set is empty")
-    keep = torch.randperm(len(data["val_x"]), generator=torch.Generator().manual_seed(0))[:args.val_size]
-    data["val_x"], data["val_y"] = data["val_x"][keep], data["val_y"][keep]   # a random subset: folders are sorted by class
+    keep = torch.randperm(len(vx), generator=torch.Generator().manual_seed(0))[:args.val_size]   # (folders: by class)
+    data = dict(train_x=x, train_y=y, val_x=vx[keep], val_y=vy[keep], num_classes=len(classes), class_names=classes,
+                images=x.dtype == torch.uint8)
     if args.device.startswith("cuda"):                                 # the whole set lives on the GPU
         data.update({k: v.to(args.device) for k, v in data.items() if torch.is_tensor(v)})
     return data
@@ -303,7 +201,7 @@ def epoch_order(n, seed, epoch):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation: validation loss per t, sample grids, FID
+# Evaluation: validation loss per t, sample grids (FID: tools/fid.py)
 # ----------------------------------------------------------------------------------------------------
 
 def autocast(args):
@@ -370,73 +268,6 @@ def save_grid(x, path, names=None, nrow=10):
             draw.text((left, 1), name, fill="black", font=font)
         img = framed
     img.save(path)
-
-
-def load_inception(device, backend="torchvision", pretrained=True):
-    """The FID feature network, returning 2048-d pool features: torchvision's ImageNet Inception-v3, or pytorch-fid's
-    port of the TF-Inception that published FIDs use; None (with one line) when the package or weights can't be had."""
-    if backend == "pytorch-fid":
-        try:
-            from pytorch_fid.inception import InceptionV3
-        except ImportError:
-            print("FID skipped: --fid-backend pytorch-fid needs the optional package (pip install pytorch-fid)")
-            return None
-        try:                                              # resizes to 299 and rescales [0, 1] inputs itself
-            return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(device)
-        except Exception as e:
-            print(f"FID skipped: pytorch-fid's Inception weights could not be loaded ({type(e).__name__}: {e})")
-            return None
-    from torchvision.models import Inception_V3_Weights, inception_v3
-    try:
-        net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1 if pretrained else None,
-                           aux_logits=pretrained, init_weights=not pretrained)
-    except Exception as e:
-        print(f"FID skipped: torchvision's Inception-v3 weights could not be loaded ({type(e).__name__}: {e})")
-        return None
-    net.fc = torch.nn.Identity()
-    return net.eval().to(device)
-
-
-@torch.no_grad()
-def inception_features(net, images, device, backend="torchvision", batch=200):
-    """Pool features (N, 2048, float64) of images in [-1, 1]: pytorch-fid takes them in [0, 1]; torchvision's
-    network resized to 299 and ImageNet-normalised."""
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-    feats = []
-    for i in range(0, len(images), batch):
-        x = (images[i:i + batch].to(device).float().clamp(-1, 1) + 1) / 2
-        if backend == "pytorch-fid":
-            feats.append(net(x)[0].flatten(1).double().cpu())
-        else:
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            feats.append(net((x - mean) / std).double().cpu())
-    return torch.cat(feats)
-
-
-def frechet_distance(mu1, cov1, mu2, cov2):
-    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), the trace term from the eigenvalues of C1^(1/2) C2 C1^(1/2)."""
-    w, V = torch.linalg.eigh(cov1)
-    sqrt1 = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T
-    cross = torch.linalg.eigvalsh(sqrt1 @ cov2 @ sqrt1).clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * cross).item()
-
-
-def feature_stats(f):
-    """Mean and covariance of (N, D) features."""
-    return f.mean(0), torch.cov(f.T)
-
-
-def fid_reference(net, data, args):
-    """Mean and covariance of the features of --fid-samples random training images, computed once and cached in --out
-    (the file is named in the terminal and in each arm's config.json)."""
-    args.fid_reference = os.path.join(args.out, f"fid_ref_{args.fid_backend}_{args.dataset}_{args.fid_samples}.pt")
-    if not os.path.exists(args.fid_reference):
-        pick = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(0))[:args.fid_samples]
-        real = to_model_space(data["train_x"][pick.to(data["train_x"].device)], "cpu")
-        save_checkpoint(feature_stats(inception_features(net, real, args.device, args.fid_backend)), args.fid_reference)
-    print(f"FID ({args.fid_backend}) against the training-set statistics in {args.fid_reference}")
-    return torch.load(args.fid_reference, weights_only=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -549,23 +380,16 @@ def model_config(args, data, routing):
 
 
 class Log:
-    """Append-only JSONL log of one arm; on resume, records after the checkpoint's step are dropped."""
+    """Append-only JSONL log of one arm; on resume (keep_until: the checkpoint's step) later records are dropped."""
 
     def __init__(self, path, keep_until=None, write=True):
-        self.path, self.enabled = path, write                     # write=False: a process other than rank 0
-        records = self.read(path) if keep_until is not None else []
-        self.records = [r for r in records if r["step"] <= keep_until] if keep_until is not None else []
+        self.path, self.enabled, self.records = path, write, []          # write=False: a process other than rank 0
+        if keep_until is not None and os.path.exists(path):
+            with open(path) as f:
+                self.records = [r for r in map(json.loads, f) if r["step"] <= keep_until]
         if write:
             with open(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
-
-    @staticmethod
-    def read(path):
-        """The records of a JSONL log ([] when it does not exist)."""
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
 
     def write(self, **record):
         """Append one record (a dict with at least kind and step)."""
@@ -587,11 +411,9 @@ def evaluate(ema, data, args, step, log, arm_dir, fid_ref, train_seconds):
         names = data["class_names"][:10]
         save_grid(generate(ema, 4 * len(names), args), os.path.join(arm_dir, f"samples_{step:07d}.png"), names)
     if fid_ref is not None and args.fid_every and (step % args.fid_every == 0 or step == args.steps):
-        net, mu, cov = fid_ref
         fake = torch.cat([generate(ema, min(500, args.fid_samples - i), args, seed=1 + i)
                           for i in range(0, args.fid_samples, 500)])
-        record["fid"] = frechet_distance(*feature_stats(inception_features(net, fake, args.device, args.fid_backend)),
-                                         mu, cov)
+        record["fid"] = fid.fid(*fid_ref, fake, args.device)
     log.write(**record)
     return record
 
@@ -701,14 +523,14 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
         pending = list(ckpt.get("pending", torch.zeros(0)).to(args.device))   # losses not yet in a log line
         if start == args.steps:
             print(f"[{routing}] {ckpt_path} is already at step {start}: nothing to train")
-            return Log.read(os.path.join(arm_dir, "log.jsonl"))
+            return Log(os.path.join(arm_dir, "log.jsonl"), keep_until=start, write=False).records
         print(f"[{routing}] resumed from {ckpt_path} at step {start}")
     main_process = args.rank == 0                                  # logs, evaluations and checkpoints
     log = Log(os.path.join(arm_dir, "log.jsonl"), keep_until=start if resume else None, write=main_process)
     if main_process:
         with open(os.path.join(arm_dir, "config.json"), "w") as f:
-            json.dump(dict(model=config, args={k: v for k, v in vars(args).items()},
-                           params=sum(p.numel() for p in model.parameters())), f, indent=1)
+            json.dump(dict(model=config, args=vars(args), val_t=VAL_T, params=sum(p.numel() for p in model.parameters())),
+                      f, indent=1)
     net = DistributedDiT(model) if args.world > 1 else model       # gradients averaged over the processes
     step_fn = torch.compile(net) if args.compile else net
     n, B = len(data["train_x"]), args.batch_size
@@ -808,215 +630,8 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Diagnostics of trained checkpoints (--diagnose CKPT [CKPT2])
+# Entry point
 # ----------------------------------------------------------------------------------------------------
-
-def save_heatmap(mat, path, xlabel, ylabel, title):
-    """A matrix as a PNG heatmap: with matplotlib when installed, else a bare colour image through torchvision."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from torchvision.utils import save_image
-        m = (mat - mat.min()) / (mat.max() - mat.min() + 1e-12)
-        ramp = torch.tensor([[0.27, 0.0, 0.33], [0.13, 0.56, 0.55], [0.99, 0.91, 0.14]])   # dark -> teal -> yellow
-        pos = m * 2
-        lo = pos.floor().clamp(max=1).long()
-        rgb = ramp[lo] * (1 - (pos - lo)[..., None]) + ramp[lo + 1] * (pos - lo)[..., None]
-        save_image(rgb.permute(2, 0, 1).repeat_interleave(16, 1).repeat_interleave(16, 2), path)
-        return
-    fig, ax = plt.subplots(figsize=(1.2 + 0.3 * mat.shape[1], 1.0 + 0.3 * mat.shape[0]))
-    im = ax.imshow(mat.numpy(), cmap="viridis", aspect="auto", origin="lower")
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def side_by_side(mats):
-    """Square matrices next to each other, separated by a blank (zero) column."""
-    gap = torch.zeros(mats[0].shape[0], 1)
-    return torch.cat([m for mat in mats for m in (mat, gap)][:-1], dim=1)
-
-
-def diagnose(args):
-    """The paper's diagnostics for one or two checkpoints (EMA weights) on validation images: diagnostics.json,
-    flow.png (RMS, gradient RMS, cosine per block), probe.png, routing and source-importance heatmaps."""
-    from dar_minimal import flow_statistics, routing_map, source_importance, timestep_probe
-    ckpts = {path: load_checkpoint(path, args.device) for path in args.diagnose}      # refused before any data
-    data = load_data(args)
-    n = min(args.val_size, 256, len(data["val_x"]))
-    x1, y = to_model_space(data["val_x"][:n], args.device), data["val_y"][:n].to(args.device)
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(x1.shape, generator=g).to(args.device)
-    grid = [round(0.05 + 0.1 * k, 2) for k in range(10)]                     # t for the routing maps
-    os.makedirs(args.out, exist_ok=True)
-    report, t0 = {}, args.diagnose_t[0]
-    for path, ckpt in ckpts.items():
-        model = DiT(**ckpt["config"]).to(args.device).eval()
-        model.load_state_dict(ckpt["ema"])
-        name = model.routing if model.routing not in report else f"{model.routing}_{len(report)}"
-        r = dict(checkpoint=path, step=ckpt["step"], config=ckpt["config"],
-                 flow={t: flow_statistics(model, x1, y, t, x0) for t in args.diagnose_t},
-                 probe=timestep_probe(model, x1, y, torch.Generator().manual_seed(1)))
-        if model.routing == "dar":
-            alpha = routing_map(model, x1, y, grid, x0)
-            r["routing_t_grid"], r["routing"] = grid, alpha.tolist()
-            L = alpha.shape[1] - 1
-            for l in sorted({2, L // 2, L, L + 1}):
-                save_heatmap(alpha[:, l - 1, :l].T, os.path.join(args.out, f"routing_{name}_reader{l}.png"),
-                             "t = 0.05 + 0.1 k (k on the axis)", "source i",
-                             f"alpha_i->{l}(t), reader {l}" + (" (final)" if l == L + 1 else ""))
-            few = (0, len(grid) // 2, len(grid) - 1)
-            save_heatmap(side_by_side([alpha[k] for k in few]), os.path.join(args.out, f"routing_{name}_overview.png"),
-                         "source i (one panel per t)", f"reader l - 1 ({L} = final)",
-                         "alpha_i->l at t = " + ", ".join(str(grid[k]) for k in few))
-        else:
-            imp = source_importance(model, x1, y, grid, x0)
-            r["importance_t_grid"], r["importance"] = grid, imp.tolist()
-            few = (0, len(grid) // 2, len(grid) - 1)
-            save_heatmap(side_by_side([imp[k].abs() / imp[k].abs().max() for k in few]),
-                         os.path.join(args.out, f"importance_{name}_overview.png"), "source i (one panel per t)",
-                         f"reader l - 1 ({imp.shape[1] - 1} = final)",
-                         "|dL/dgate_i->l| / max at t = " + ", ".join(str(grid[k]) for k in few))
-        report[name] = r
-        print(f"{name}: forward RMS at t={t0} {['%.2f' % v for v in r['flow'][t0]['forward_rms']]}")
-    with open(os.path.join(args.out, "diagnostics.json"), "w") as f:
-        json.dump(report, f)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: line plots skipped (diagnostics.json has the numbers)")
-        return report
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for name, r in report.items():
-        for ax, key in zip(axes, ("forward_rms", "gradient_rms", "cosine")):
-            ax.plot(range(1, len(r["flow"][t0][key]) + 1), r["flow"][t0][key], marker="o", label=name)
-    for ax, title in zip(axes, ("forward RMS(z_k)", "gradient RMS(dL/dz_k)", "cos(z_k, z_k+1)")):
-        ax.set(xlabel="block k", title=f"{title} at t = {t0}")
-    axes[0].set_yscale("log"), axes[1].set_yscale("log"), axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "flow.png"), dpi=100)
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name, r in report.items():
-        ax.plot(range(1, len(r["probe"]["blocks"]) + 1), r["probe"]["blocks"], marker="o", label=name)
-    ax.axhline(next(iter(report.values()))["probe"]["raw_xt"], color="gray", ls="--", label="raw x_t")
-    ax.set(xlabel="block k", ylabel="R^2 of t from pooled z_k", title="timestep probe (ridge, held out)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "probe.png"), dpi=100)
-    plt.close("all")
-    return report
-
-
-# ----------------------------------------------------------------------------------------------------
-# Comparison, sampling from a checkpoint, entry point
-# ----------------------------------------------------------------------------------------------------
-
-def steps_to_reach(evals, target, key="step"):
-    """First evaluation whose val loss <= target: its key ("step" or "train_seconds"), and a linear interpolation of
-    that key between evaluations; (None, None) if no evaluation reached it."""
-    prev = None
-    for r in evals:
-        if r["val_loss"] <= target:
-            if prev is None:
-                return r[key], float(r[key])
-            frac = (prev["val_loss"] - target) / (prev["val_loss"] - r["val_loss"])
-            return r[key], prev[key] + frac * (r[key] - prev[key])
-        prev = r
-    return None, None
-
-
-LONG_RUNS = ("A lead early in training need not last: in the long runs on CIFAR-10 (README, 'Does the lead last?') "
-             "DAR's lead was gone by about 4,000 steps at 8 blocks (level after, two seeds) and by about 2,200 at 12 "
-             "(behind after, one seed); in a deep, narrow model (24 blocks of width 64) it was still 1.56x at 6,000 "
-             "steps (one seed, in progress).")
-
-
-def compare(records, args):
-    """compare.json, a summary in the terminal and compare.png (validation loss against steps and against training
-    time; needs matplotlib) from the log records of the residual and DAR arms."""
-    arms = {k: [r for r in v if r["kind"] == "eval"] for k, v in records.items()}
-    done = {k: [r for r in v if r["kind"] == "done"] for k, v in records.items()}
-    res, dar = arms["residual"], arms["dar"]
-    target = res[-1]["val_loss"]
-    first, interp = steps_to_reach(dar, target)
-    _, seconds = steps_to_reach(dar, target, key="train_seconds")
-    summary = dict(
-        val_t_grid=VAL_T,
-        arms={k: dict(steps=[r["step"] for r in v], val_loss=[r["val_loss"] for r in v],
-                      train_seconds_at_eval=[r.get("train_seconds") for r in v],
-                      val_loss_per_t=[r["val_loss_per_t"] for r in v], final_val_loss=v[-1]["val_loss"],
-                      train_seconds=done[k][-1]["train_seconds"] if done[k] else None,      # all segments
-                      eval_seconds=done[k][-1].get("eval_seconds") if done[k] else None,
-                      **({"fid": [r.get("fid") for r in v]} if any("fid" in r for r in v) else {}))
-              for k, v in arms.items()},
-        residual_final_step=res[-1]["step"], residual_final_val_loss=target,
-        residual_final_train_seconds=res[-1]["train_seconds"],
-        dar_steps_to_residual_final=first, dar_steps_to_residual_final_interpolated=interp,
-        speedup_in_steps=(res[-1]["step"] / interp) if interp else None,
-        dar_train_seconds_to_residual_final=seconds,
-        speedup_in_train_time=(res[-1]["train_seconds"] / seconds) if seconds else None,
-        command=" ".join([os.path.basename(sys.executable)] + sys.argv), machine=machine())
-    with open(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    picture = os.path.join(args.out, "compare.png")
-    drawn = plot_comparison(arms, target, picture)
-    print(summary_text(summary, picture if drawn else None))
-    return summary
-
-
-def summary_text(summary, picture):
-    """The comparison in a few lines: final losses, DAR's steps and training time to the residual's final loss."""
-    res, dar = summary["arms"]["residual"], summary["arms"]["dar"]
-    n, t = summary["residual_final_step"], summary["residual_final_train_seconds"]
-    lines = [f"final val loss: residual {res['final_val_loss']:.4f}, DAR {dar['final_val_loss']:.4f} "
-             f"(lower is better; step {n})"]
-    if summary["speedup_in_steps"]:
-        lines.append(f"DAR reached the residual's final val loss at step ~{summary['dar_steps_to_residual_final_interpolated']:.0f}"
-                     f" of {n}: {summary['speedup_in_steps']:.2f}x fewer steps")
-    else:
-        lines.append(f"DAR did not reach the residual's final val loss within {n} steps: no speed-up in steps")
-    if summary["speedup_in_train_time"]:
-        lines.append(f"in training time: ~{summary['dar_train_seconds_to_residual_final']:.0f} s against the residual's "
-                     f"{t:.0f} s: {summary['speedup_in_train_time']:.2f}x less training time")
-    else:
-        lines.append(f"in training time: not within the residual's {t:.0f} s")
-    if res["train_seconds"] is not None and dar["train_seconds"] is not None:
-        lines.append("time: " + ", ".join(f"{k} {a['train_seconds']:.0f} s training + {a['eval_seconds']:.0f} s evaluation"
-                                          for k, a in summary["arms"].items()))
-    lines.append(f"picture: {picture}" if picture else
-                 "picture: not drawn (matplotlib is not installed); compare.json has the numbers")
-    lines.append(LONG_RUNS)
-    return "\n".join(lines)
-
-
-def plot_comparison(arms, target, path):
-    """Validation loss of each arm against steps and against training time, side by side; False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for k, v in arms.items():
-        for ax, key in zip(axes, ("step", "train_seconds")):
-            ax.plot([r[key] for r in v], [r["val_loss"] for r in v], marker="o", label=k)
-    for ax, label in zip(axes, ("training step", "training time, s (evaluation excluded)")):
-        ax.axhline(target, color="gray", lw=0.5, ls="--")
-        ax.set(xlabel=label)
-    axes[0].set(ylabel="validation loss (EMA weights)", title=os.path.basename(os.path.dirname(path) or "."))
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
 
 def machine():
     """A short description of the machine a run is on."""
@@ -1025,26 +640,8 @@ def machine():
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (torch {torch.__version__})"
 
 
-def sample_only(args):
-    """--sample-only: a grid PNG and an .npz of uint8 NHWC samples from a checkpoint's EMA weights."""
-    import numpy as np
-    if not args.ckpt:
-        raise ValueError("--sample-only needs --ckpt pointing to a checkpoint file")
-    ckpt = load_checkpoint(args.ckpt, args.device)
-    model = DiT(**ckpt["config"]).to(args.device).eval()
-    model.load_state_dict(ckpt["ema"])
-    x = torch.cat([generate(model, min(500, args.num_samples - i), args, seed=1 + i)
-                   for i in range(0, args.num_samples, 500)])
-    stem = os.path.splitext(args.ckpt)[0] + f"_samples{args.num_samples}"
-    save_grid(x[:100], stem + ".png", nrow=min(10, model.num_classes))
-    images = ((x[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    np.savez(stem + ".npz", images=images)
-    print(f"wrote {stem}.png and {stem}.npz ({len(images)} samples)")
-
-
 def start_processes(args):
-    """Under torchrun (WORLD_SIZE > 1): joins the process group (NCCL on CUDA, gloo on the CPU), one GPU per process;
-    only rank 0 prints. args.rank and args.world are (0, 1) for a plain run."""
+    """Under torchrun: joins the process group (NCCL on CUDA, gloo on the CPU), one GPU per process; rank 0 prints."""
     args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.world == 1:
         return
@@ -1060,13 +657,9 @@ def start_processes(args):
 
 
 def main(argv=None):
-    """Parses options and runs: --sample-only, --diagnose, or training of each arm (and the comparison)."""
+    """Parses options, trains each arm and compares them."""
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.sample_only:
-        return sample_only(args)
-    if args.diagnose:
-        return diagnose(args)
     start_processes(args)
     if args.rank == 0:
         prepare_out(args)
@@ -1075,11 +668,7 @@ def main(argv=None):
     data = load_data(args)
     print(f"{args.dataset}: {len(data['train_x'])} train, {len(data['val_x'])} val, "
           f"{tuple(data['train_x'].shape[1:])}, {data['num_classes']} classes; device {args.device}")
-    fid_ref = None
-    if args.fid_every and data["images"] and args.rank == 0:
-        net = load_inception(args.device, args.fid_backend)
-        if net is not None:
-            fid_ref = (net, *fid_reference(net, data, args))
+    fid_ref = fid.setup(data, args) if args.fid_every and data["images"] and args.rank == 0 else None
     arms = {}
     with StopSignals(quiet=args.rank > 0) as stop:     # Ctrl-C or SIGTERM: finish the step, checkpoint, exit
         for routing in args.arms:
@@ -1093,7 +682,7 @@ def main(argv=None):
     if args.world > 1:
         torch.distributed.destroy_process_group()
     if len(arms) == 2 and args.rank == 0:
-        return compare(arms, args)
+        return compare(arms, args.out, VAL_T)
     return arms
 
 

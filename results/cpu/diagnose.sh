@@ -5,5 +5,5 @@
 set -euo pipefail
 d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz -C "$d"
 C=runs/results/cpu/cifar_tiny
-python train_cifar.py --diagnose $C/residual/ckpt.pt $C/dar/ckpt.pt --dataset folder --data-dir "$d/test" \
+python tools/diagnose.py $C/residual/ckpt.pt $C/dar/ckpt.pt --dataset folder --data-dir "$d/test" \
     --val-size 256 --out results/cpu/diagnostics 2>&1 | tee results/cpu/diagnostics.log

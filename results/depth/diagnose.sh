@@ -6,7 +6,7 @@ set -euo pipefail
 d=$(mktemp -d); tar xzf ../shared/data/cifar10-jpeg.tar.gz -C "$d"
 for depth in 16 8 4; do
     C=runs/results/depth/d${depth}_s0
-    python train_cifar.py --diagnose $C/residual/ckpt.pt $C/dar/ckpt.pt --dataset folder --data-dir "$d/test" \
+    python tools/diagnose.py $C/residual/ckpt.pt $C/dar/ckpt.pt --dataset folder --data-dir "$d/test" \
         --val-size 256 --out results/depth/diagnostics_d$depth 2>&1 | tail -2
 done
 rm -rf "$d"

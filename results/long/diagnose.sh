@@ -10,7 +10,7 @@ keep=$1 d=$2; shift 2
 run=w64_d24_s0
 for step in ${*:-1000 2000 4000 6000 8000}; do
     [ -f $keep/${run}_residual_$step.pt ] && [ -f $keep/${run}_dar_$step.pt ] || { echo "step $step: not kept"; continue; }
-    python train_cifar.py --diagnose $keep/${run}_residual_$step.pt $keep/${run}_dar_$step.pt --dataset folder \
+    python tools/diagnose.py $keep/${run}_residual_$step.pt $keep/${run}_dar_$step.pt --dataset folder \
         --data-dir "$d/test" --val-size 256 --out results/long/$run/diagnostics_$step 2>&1 | tail -2
 done
 python results/long/diagnostics_table.py

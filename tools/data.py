@@ -1,0 +1,107 @@
+"""
+data.py: the data sets train_cifar.py reads, each as one tensor of images (uint8) or latents (float) and labels:
+an ImageFolder tree, a latents file, and the built-in shapes of the quick start (--dataset shapes).
+"""
+import math
+import os
+
+import torch
+
+
+def load_cifar10(root):
+    """CIFAR-10 through torchvision (downloaded into root when missing): train and test images, labels, class names."""
+    from torchvision.datasets import CIFAR10
+    try:
+        train, test = (CIFAR10(root, train=s, download=True) for s in (True, False))
+    except Exception as e:
+        raise ValueError(f"CIFAR-10 is not in --data-root {root!r} and could not be downloaded ({e}). "
+                         "Alternatives: --dataset folder --data-dir DIR (e.g. the CIFAR-10 JPEG copy), "
+                         "--dataset shapes (built in, offline), or --dataset latents --data-path FILE.") from None
+    to_t = lambda d: torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous()
+    return to_t(train), torch.tensor(train.targets), to_t(test), torch.tensor(test.targets), train.classes
+
+
+def load_image_folder(path, size):
+    """An ImageFolder tree resized and centre-cropped to size, as one uint8 tensor and its labels."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    if not path or not os.path.isdir(path):
+        raise ValueError(f"--data-dir/--val-dir must be an existing ImageFolder directory, got {path!r}")
+    try:
+        ds = ImageFolder(path, transform=T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()]))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(f"no images found in {path!r} (expected class subfolders of images): {e}") from None
+    loader = torch.utils.data.DataLoader(ds, batch_size=500, num_workers=min(8, os.cpu_count() or 1))
+    try:
+        xs, ys = zip(*loader)
+    except Exception:                                  # find the unreadable file (worker errors do not name it)
+        for file, _ in ds.samples:
+            try:
+                ds.loader(file)
+            except Exception as e:
+                raise ValueError(f"cannot read image {file!r} ({type(e).__name__}: {e})") from None
+        raise
+    return torch.cat(xs), torch.cat(ys), ds.classes
+
+
+def load_latents(path):
+    """x (N, C, H, W) float and y (N,) labels from a .pt or .npz file, checked: shapes, integer labels >= 0, finite x."""
+    expected = "--data-path must be a .pt or .npz file holding x (N, C, H, W) and integer labels y (N,)"
+    if not path or not os.path.isfile(path):
+        raise ValueError(f"{expected}; got {path!r}")
+    try:
+        if path.endswith(".npz"):
+            import numpy as np
+            with np.load(path) as z:
+                x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
+        else:
+            z = torch.load(path, map_location="cpu", weights_only=True)
+            x, y = torch.as_tensor(z["x"]), torch.as_tensor(z["y"])
+    except Exception as e:
+        raise ValueError(f"{expected}; could not read x and y from {path!r} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if x.ndim != 4 or y.shape != (len(x),) or y.is_floating_point() or y.is_complex() or len(x) < 2:
+        raise ValueError(f"{expected}; {path!r} has x {tuple(x.shape)} and y {tuple(y.shape)} {y.dtype}")
+    x, y = x.float(), y.long()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{path!r}: x holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
+    if (y < 0).any():
+        raise ValueError(f"{path!r}: labels y must be >= 0, found {int(y.min())}")
+    return x, y
+
+
+SHAPE_NAMES = ["disc", "ring", "square", "frame", "plus", "x", "triangle", "bar", "two dots", "crescent"]
+
+
+def make_shapes(n, size, seed):
+    """n images (uint8, N x 3 x size x size) of 10 classes of shapes, deterministic from seed: one shaded object of its
+    class's shape and colour, near the centre, slightly moved, scaled and rotated, on a plain dark background. The
+    classes differ in their coarse outline (filled or hollow, round or square, lines, two parts), so that a few minutes
+    of training on a CPU draw recognisable samples."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randperm(n, generator=g) % 10
+    u = lambda *s: torch.rand(*s, generator=g)
+    c = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    cx, cy, r = (u(n, 1, 1) - 0.5) * 0.16, (u(n, 1, 1) - 0.5) * 0.16, 0.62 + 0.08 * u(n, 1, 1)
+    a = (u(n, 1, 1) - 0.5) * math.pi / 9                                       # rotation, +-10 degrees
+    dx = (torch.cos(a) * (xx - cx) + torch.sin(a) * (yy - cy)) / r
+    dy = (-torch.sin(a) * (xx - cx) + torch.cos(a) * (yy - cy)) / r
+    rho, box = (dx ** 2 + dy ** 2).sqrt(), torch.maximum(dx.abs(), dy.abs())
+    masks = [rho < 1,                                                           # disc
+             (rho < 1) & (rho > 0.55),                                          # ring
+             box < 0.8,                                                         # square
+             (box < 0.85) & (box > 0.45),                                       # frame
+             ((dx.abs() < 0.28) | (dy.abs() < 0.28)) & (box < 1),               # plus
+             (((dx - dy).abs() < 0.38) | ((dx + dy).abs() < 0.38)) & (box < 0.85),   # x
+             (dy < 0.7) & (dx.abs() < (dy + 1) / 1.7),                          # triangle
+             (dy.abs() < 0.3) & (dx.abs() < 1),                                 # bar
+             ((dx.abs() - 0.5) ** 2 + dy ** 2 < 0.16),                          # two dots
+             (rho < 1) & ((dx - 0.45) ** 2 + (dy + 0.2) ** 2 > 0.6)]            # crescent
+    mask = torch.stack(masks, 1)[torch.arange(n), y]                            # (n, size, size)
+    palette = torch.tensor([[.9, .2, .2], [.2, .75, .2], [.2, .35, .95], [.95, .8, .1], [.8, .25, .85],
+                            [.1, .8, .8], [.95, .55, .1], [.95, .95, .95], [.95, .45, .65], [.45, .95, .55]])
+    fg = (palette[y] + 0.2 * (u(n, 3) - 0.5)).clamp(0, 1)[:, :, None, None]
+    fg = fg * (1 - 0.25 * (dx + dy)[:, None] / 2).clamp(0.6, 1.4)              # lit from the top left
+    img = torch.where(mask[:, None], fg, 0.25 * u(n, 3, 1, 1))                  # on a dark background of any colour
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), y

@@ -1,0 +1,50 @@
+"""
+sample.py: samples of a train_cifar.py checkpoint's EMA weights: a grid PNG of the first 100 and an .npz of all of
+them as uint8 NHWC images (the format of DiT's sample_ddp.py, which external FID code reads), beside the checkpoint.
+
+    python tools/sample.py runs/quickstart/dar/ckpt.pt --num-samples 1000 --sample-steps 50
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dar_minimal import DiT  # noqa: E402
+from train_cifar import generate, load_checkpoint, save_grid  # noqa: E402
+
+
+def main(argv=None):
+    """Writes <ckpt>_samples<N>.png and .npz; labels cycle through the classes, noise seeds are fixed."""
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    a = p.add_argument
+    a("ckpt", help="a checkpoint of train_cifar.py")
+    a("--num-samples", type=int, default=100)
+    a("--sample-steps", type=int, default=50)
+    a("--sampler", default="euler", choices=["euler", "heun", "sde"])
+    a("--cfg-scale", type=float, default=1.5, help="1: no guidance")
+    a("--precision", default="fp32", choices=["fp32", "bf16"])
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.sample_steps < 1:
+        p.error(f"--num-samples and --sample-steps must be positive, got {args.num_samples} and {args.sample_steps}")
+    ckpt = load_checkpoint(args.ckpt, args.device)
+    model = DiT(**ckpt["config"]).to(args.device).eval()
+    model.load_state_dict(ckpt["ema"])
+    x = torch.cat([generate(model, min(500, args.num_samples - i), args, seed=1 + i)
+                   for i in range(0, args.num_samples, 500)])
+    stem = os.path.splitext(args.ckpt)[0] + f"_samples{args.num_samples}"
+    save_grid(x[:100], stem + ".png", nrow=min(10, model.num_classes))
+    images = ((x[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    np.savez(stem + ".npz", images=images)
+    print(f"wrote {stem}.png and {stem}.npz ({len(images)} samples)")
+    return stem
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
