@@ -837,8 +837,8 @@ def test_pytorch_fid_backend_with_random_weights_and_a_cached_reference(tmp_path
     monkeypatch.setattr(inception, "fid_inception_v3",                      # its architecture, no weights download
                         lambda: inception._inception_v3(num_classes=1008, aux_logits=False, weights=None))
     net = fid.load_inception("cpu")
-    feats = fid.features(net, torch.rand(3, 3, 16, 16) * 2 - 1, "cpu")
-    assert feats.shape == (3, 2048) and feats.dtype == torch.float64 and torch.isfinite(feats).all()
+    feats, preds = fid.features(net, torch.rand(3, 3, 16, 16) * 2 - 1, "cpu")
+    assert preds is None and feats.shape == (3, 2048) and feats.dtype == torch.float64 and torch.isfinite(feats).all()
     args = train_cifar.parse_args(["--dataset", "shapes", "--image-size", "16", "--fid-samples", "6",
                                    "--out", str(tmp_path), "--device", "cpu"])
     data = dict(train_x=make_shapes(20, 16, 0)[0])
@@ -1153,3 +1153,60 @@ def test_diagnose_script_writes_json_and_pictures(tmp_path):
     assert {"routing_dar_reader2.png", "routing_dar_overview.png", "importance_residual_overview.png", "flow.png",
             "probe.png"} <= set(names)
     assert len(report["residual"]["importance"]) == len(report["dar"]["routing"]) == 10     # the same t grid
+
+
+# ================================================================================================ sample quality (tools/classifier.py, tools/fid.py, tools/score.py)
+
+@pytest.fixture(scope="module")
+def shapes_classifier(tmp_path_factory):
+    """A tiny classifier of the 16-pixel shapes (one epoch, width 4) and what tools/classifier.py reported."""
+    import tools.classifier
+    path = str(tmp_path_factory.mktemp("clf") / "shapes.pt")
+    info = tools.classifier.main(["--dataset", "shapes", "--image-size", "16", "--epochs", "1", "--width", "4",
+                                  "--batch-size", "128", "--out", path])
+    return path, info
+
+
+def test_the_classifier_script_writes_weights_its_accuracy_and_checksum(shapes_classifier):
+    path, info = shapes_classifier
+    assert info["heldout_accuracy"] > 0.3 and info["heldout_images"] == 1000     # chance: 0.1
+    with open(path + ".json") as f:
+        assert json.load(f)["sha256"] == fid.sha256(path) == info["sha256"]
+    assert isinstance(fid.load_classifier(path), fid.Classifier)
+
+
+def test_real_held_out_images_score_as_the_classifier_says_and_a_set_is_at_distance_zero_from_itself(shapes_classifier):
+    path, info = shapes_classifier
+    net = fid.load_classifier(path)
+    x, y = make_shapes(1000, 16, 1)                                   # the held-out shapes of train_cifar (seed 0)
+    real = x.float() / 127.5 - 1
+    mu, cov = fid.feature_stats(fid.features(net, real, "cpu")[0])
+    m = fid.measures(net, mu, cov, real, y, "cpu")
+    assert abs(m["fid"]) < 1e-6                                       # the Frechet distance of a set with itself
+    assert m["sample_accuracy"] == pytest.approx(info["heldout_accuracy"])   # real images: the test accuracy
+    other = fid.measures(net, mu, cov, torch.rand(200, 3, 16, 16) * 2 - 1, y[:200], "cpu")
+    assert other["fid"] > 1 and other["sample_accuracy"] < 0.5       # noise: far away, rarely its label
+
+
+def test_classifier_backend_in_training_and_the_score_script_agree(shapes_classifier, tmp_path):
+    path, _ = shapes_classifier
+    out = run(tmp_path, "--routing", "dar", "--fid-every", "4", "--fid-backend", "classifier", "--fid-weights", path,
+              "--fid-samples", "30")
+    last = [r for r in read_log(os.path.join(out, "dar", "log.jsonl")) if r["kind"] == "eval"][-1]
+    assert last["fid"] > 0 and 0 <= last["sample_accuracy"] <= 1
+    import tools.score
+    res = tools.score.main([os.path.join(out, "dar", "ckpt.pt"), "--draws", "2", "--dataset", "shapes",
+                            "--image-size", "16", "--sample-steps", "2", "--device", "cpu", "--fid-backend",
+                            "classifier", "--fid-weights", path, "--fid-samples", "30", "--out", str(tmp_path / "s.json")])
+    first, second = res["rows"]
+    assert first["fid"] == pytest.approx(last["fid"]) and first["sample_accuracy"] == last["sample_accuracy"]
+    assert second["fid"] != first["fid"]                              # another draw of noise
+    assert os.path.exists(tmp_path / "s.json")
+
+
+def test_classifier_backend_without_its_weights_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match="needs --fid-weights FILE"):
+        run(tmp_path, "--fid-every", "2", "--fid-backend", "classifier")
+    (tmp_path / "bogus.pt").write_bytes(b"not a classifier")
+    with pytest.raises(ValueError, match="not a classifier"):
+        fid.load_classifier(str(tmp_path / "bogus.pt"))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from dar_minimal import QUERIES, DiT, flow_matching_loss, sample
 from tools import fid
-from tools.data import SHAPE_NAMES, load_cifar10, load_image_folder, load_latents, make_shapes
+from tools.data import SHAPE_NAMES, held_out, load_cifar10, load_image_folder, load_latents, make_shapes
 from tools.compare import compare
 
 PRESETS = {  # model, optimiser, length; evaluation: every eval_every steps on val_size images, grids every sample_every
@@ -83,8 +83,10 @@ def parse_args(argv=None):
     a("--sample-steps", type=int, default=50)
     a("--sampler", default="euler", choices=["euler", "heun", "sde"])
     a("--cfg-scale", type=float, default=1.5)
-    a("--fid-every", type=int, default=0, help="0: no FID")
+    a("--fid-every", type=int, default=0, help="0: no FID (tools/fid.py: what it measures)")
     a("--fid-samples", type=int, default=5000, help="published CIFAR-10 FIDs use 50000")
+    a("--fid-backend", default="pytorch-fid", choices=["pytorch-fid", "classifier"])
+    a("--fid-weights", help="--fid-backend classifier: the classifier file (tools/classifier.py)")
     a("--ckpt-every", type=int, default=1000)
     a("--keep-every", type=int, default=0, help="also keep a copy ckpt_<step>.pt of every Nth step's checkpoint "
       "(a multiple of --ckpt-every; 0: none), e.g. to score a run's EMA weights later")
@@ -132,6 +134,8 @@ def check_args(args):
     need(args.cfg_scale == 1 or args.class_dropout > 0,
          f"--cfg-scale {args.cfg_scale} needs the unconditional (null-class) model, which only label dropout trains: "
          "give --class-dropout > 0, or --cfg-scale 1 (no guidance)")
+    need(not args.fid_every or args.fid_backend != "classifier" or os.path.isfile(args.fid_weights or ""),
+         f"--fid-backend classifier needs --fid-weights FILE (made by tools/classifier.py), got {args.fid_weights!r}")
     need(args.hidden_size % args.num_heads == 0,
          f"--hidden-size ({args.hidden_size}) must be divisible by --num-heads ({args.num_heads})")
     need(args.arms and all(r in ("residual", "dar") for r in args.arms) and len(set(args.arms)) == len(args.arms),
@@ -152,12 +156,6 @@ def check_args(args):
 # Data: the whole training set as one in-memory tensor (uint8 for images), augmented on the device; the
 # readers of each data set are in tools/data.py
 # ----------------------------------------------------------------------------------------------------
-
-def held_out(x, y, n_val, seed):
-    """Split off a deterministic validation part of n_val items."""
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 12345))
-    return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
-
 
 def load_data(args):
     """dict(train_x, train_y, val_x, val_y, num_classes, class_names, images): images are uint8, latents float."""
@@ -183,7 +181,7 @@ def load_data(args):
         raise ValueError(f"the {args.dataset} data set is empty")
     keep = torch.randperm(len(vx), generator=torch.Generator().manual_seed(0))[:args.val_size]   # (folders: by class)
     data = dict(train_x=x, train_y=y, val_x=vx[keep], val_y=vy[keep], num_classes=len(classes), class_names=classes,
-                images=x.dtype == torch.uint8)
+                images=x.dtype == torch.uint8, heldout_x=vx, heldout_y=vy)          # (all held-out data: FID)
     if args.device.startswith("cuda"):                                 # the whole set lives on the GPU
         data.update({k: v.to(args.device) for k, v in data.items() if torch.is_tensor(v)})
     return data
@@ -411,9 +409,9 @@ def evaluate(ema, data, args, step, log, arm_dir, fid_ref, train_seconds):
         names = data["class_names"][:10]
         save_grid(generate(ema, 4 * len(names), args), os.path.join(arm_dir, f"samples_{step:07d}.png"), names)
     if fid_ref is not None and args.fid_every and (step % args.fid_every == 0 or step == args.steps):
-        fake = torch.cat([generate(ema, min(500, args.fid_samples - i), args, seed=1 + i)
-                          for i in range(0, args.fid_samples, 500)])
-        record["fid"] = fid.fid(*fid_ref, fake, args.device)
+        n = [min(500, args.fid_samples - i) for i in range(0, args.fid_samples, 500)]    # labels 0, 1, 2, .. each
+        fake = torch.cat([generate(ema, k, args, seed=1 + 500 * j) for j, k in enumerate(n)])
+        record.update(fid.measures(*fid_ref, fake, torch.cat([torch.arange(k) % ema.num_classes for k in n]), args.device))
     log.write(**record)
     return record
 
@@ -606,7 +604,8 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
                               train_seconds=spent["train"] + time.time() - t_start - eval_time)
             eval_time += time.time() - t_eval
             tqdm.write(f"[{routing}] step {done}: val loss {record['val_loss']:.4f}"
-                       + (f", FID {record['fid']:.2f}" if "fid" in record else ""))
+                       + (f", FID {record['fid']:.2f}" if "fid" in record else "")
+                       + (f", sample accuracy {record['sample_accuracy']:.3f}" if "sample_accuracy" in record else ""))
             last = (done, time.time())                                                 # keep eval out of the rates
         if save_now:
             unlogged = pending_losses()                            # every process takes part in the mean

@@ -8,6 +8,12 @@ import os
 import torch
 
 
+def held_out(x, y, n_val, seed):
+    """Split off a deterministic validation part of n_val items."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 12345))
+    return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
+
+
 def load_cifar10(root):
     """CIFAR-10 through torchvision (downloaded into root when missing): train and test images, labels, class names."""
     from torchvision.datasets import CIFAR10
