@@ -82,7 +82,22 @@ def summarize(run, pauses, restarts):
         + (f", chunk {args['dar_chunk']}" if args["dar_chunk"] != 4 else "") \
         + (f", warm-up {args['warmup']} + cosine" if cosine else "")      # what differs from the first long runs
     return dict(run=run, depth=args["depth"], seed=args["seed"], schedule="cosine" if cosine else "constant",
-                setting=setting, label=f"{setting}, seed {args['seed']}", rows=rows)
+                setting=setting, label=f"{setting}, seed {args['seed']}", rows=rows, samples=sample_quality(run))
+
+
+def sample_quality(run):
+    """Per step at which both arms' kept checkpoints were scored (results/long/<run>/scores*.json, written by
+    score.sh): the Frechet distance and sample accuracy of each arm, means over draws."""
+    got = {}
+    for name in sorted(os.listdir(os.path.join(HERE, run))):
+        if name.startswith("scores") and name.endswith(".json"):
+            with open(os.path.join(HERE, run, name)) as f:
+                for r in json.load(f)["rows"]:
+                    got.setdefault((r["step"], r["routing"]), []).append(r)
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+    return [dict(step=step, **{f"{arm}_{k}": mean(got[step, arm], k) for arm in ("residual", "dar")
+                               for k in ("fid", "sample_accuracy")})
+            for step in sorted({s for s, _ in got}) if (step, "residual") in got and (step, "dar") in got]
 
 
 def across_seeds(summary, fmt):
@@ -126,7 +141,8 @@ def readme_table(summary, fmt):
     schedule (constant first), depth, setting, seed. summary.md has every evaluation."""
     runs = sorted(summary, key=lambda s: (s["schedule"], s["depth"], s["setting"], s["seed"]))
     lines = ["| run | DAR x fewer steps at residual step 1,000 / 2,000 / 4,000 / last | the lead ends near step | "
-             "DAR - residual val loss, last | DAR x less training time, last |", "|---|---|---|---|---|"]
+             "DAR - residual val loss, last | DAR x less training time, last | samples, residual / DAR: Frechet "
+             "distance, accuracy (step) |", "|---|---|---|---|---|---|"]
     for s in runs:
         by_step = {r["step"]: r for r in s["rows"] if r["dar"] is not None}
         last = max(by_step)
@@ -136,8 +152,15 @@ def readme_table(summary, fmt):
         lines.append(f"| {s['label']} | " + " / ".join(ratio(by_step.get(n)) or "-" for n in (1000, 2000, 4000))
                      + f" / {ratio(by_step[last])} ({last:,}) | {'-' if end is None else format(round(end, -2), ',.0f')} | "
                      f"{by_step[last]['dar'] - by_step[last]['residual']:+.4f} ({last:,}) | "
-                     + (f"{timed[-1]['time_ratio']:.2f} ({timed[-1]['step']:,})" if timed else "-") + " |")
+                     + (f"{timed[-1]['time_ratio']:.2f} ({timed[-1]['step']:,})" if timed else "-") + " | "
+                     + (samples(s["samples"][-1]) if s["samples"] else "-") + " |")
     return lines
+
+
+def samples(q):
+    """One step's sample quality of both arms, as the tables show it."""
+    return (f"{q['residual_fid']:.2f} / {q['dar_fid']:.2f}, {q['residual_sample_accuracy']:.3f} / "
+            f"{q['dar_sample_accuracy']:.3f} ({q['step']:,})")
 
 
 def wide_table(summary, fmt):
@@ -182,6 +205,9 @@ def main():
                          f"{fmt(r['time_ratio'], '.2f')} | "
                          + (" ".join(f"{g:+.4f}" for g in r["per_t_gap"]) if r["per_t_gap"] else "-") + " |")
         lines.append("")
+        if s["samples"]:
+            lines += ["Sample quality (score.sh), residual / DAR: Frechet distance, sample accuracy (step): "
+                      + "; ".join(samples(q) for q in s["samples"]), ""]
     lines += across_seeds(summary, fmt)
     lines += ["## Every run at every evaluation", ""] + wide_table(summary, fmt) + [""]
     with open(os.path.join(HERE, "summary.md"), "w") as f:
