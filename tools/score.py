@@ -37,10 +37,11 @@ def main(argv=None):
                                        "--fid-samples, --sample-steps, --sampler, --cfg-scale, --device)")
     p.add_argument("ckpts", nargs="+", metavar="CKPT")
     p.add_argument("--draws", type=int, default=1)
+    p.add_argument("--first-draw", type=int, default=0, help="draws first-draw .. first-draw + draws - 1")
     p.add_argument("--out", help="a JSON file for the scores")
     own, rest = p.parse_known_args(argv)
-    if own.draws < 1:
-        p.error(f"--draws must be positive, got {own.draws}")
+    if own.draws < 1 or own.first_draw < 0:
+        p.error(f"--draws must be positive and --first-draw >= 0, got {own.draws} and {own.first_draw}")
     args = parse_args(rest + ["--out", "runs/score"])                  # where the reference statistics are cached
     os.makedirs(args.out, exist_ok=True)
     ckpts = {path: load_checkpoint(path, args.device) for path in own.ckpts}      # refused before any data
@@ -52,7 +53,7 @@ def main(argv=None):
     for path, ckpt in ckpts.items():
         model = DiT(**ckpt["config"]).to(args.device).eval()
         model.load_state_dict(ckpt["ema"])
-        for draw in range(own.draws):
+        for draw in range(own.first_draw, own.first_draw + own.draws):
             t0 = time.time()
             row = dict(checkpoint=path, step=ckpt["step"], routing=model.routing, draw=draw,
                        **score(model, fid_ref, args, draw), seconds=time.time() - t0)
