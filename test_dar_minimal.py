@@ -447,7 +447,7 @@ import tools.sample
 import train_cifar
 from tools import fid
 from tools.compare import compare
-from tools.data import make_shapes
+from tools.data import load_latents, make_shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "train_cifar.py")
@@ -878,12 +878,19 @@ def test_latents_dataset(tmp_path):
         assert (model["in_channels"], model["input_size"], model["num_classes"]) == (4, 8, 5)
 
 
-def test_folder_dataset(tmp_path):
+def image_folder(path, n=12):
+    """An ImageFolder tree of n random 24 x 20 images in each of two classes (cat darker than dog)."""
     from torchvision.utils import save_image
     for k, name in enumerate(["cat", "dog"]):
-        os.makedirs(tmp_path / "imgs" / name)
-        for i in range(12):
-            save_image(torch.rand(3, 20, 24) * (k + 1) / 2, tmp_path / "imgs" / name / f"{i}.png")
+        os.makedirs(path / name)
+        for i in range(n):
+            save_image(torch.rand(3, 20, 24) * (k + 1) / 2, path / name / f"{i}.png")
+    return str(path)
+
+
+def test_folder_dataset(tmp_path):
+    from torchvision.utils import save_image
+    image_folder(tmp_path / "imgs")
     out = run(tmp_path, "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--routing", "residual",
               "--steps", "2")
     with open(os.path.join(out, "residual", "config.json")) as fh:
@@ -894,6 +901,141 @@ def test_folder_dataset(tmp_path):
     with pytest.raises(ValueError, match="22 training images \\(now 24\\).*start a new run"):
         run(tmp_path, "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--routing", "residual",
             "--steps", "3", "--resume")
+
+
+# ------------------------------------------------------------------ latents end to end (tools/encode_latents.py)
+
+from tools import encode_latents  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    """A tiny random AutoencoderKL (16 px images -> 4 x 8 x 8 latents) saved as a directory, and a latents
+    directory made with it from 2 x 20 images: (tmp_path, autoencoder directory, encoder arguments, latents directory)."""
+    diffusers = pytest.importorskip("diffusers")
+    tmp_path = tmp_path_factory.mktemp("latents")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4)
+    vae.save_pretrained(tmp_path / "vae")
+    argv = [image_folder(tmp_path / "imgs", n=20), str(tmp_path / "z"), "--vae", str(tmp_path / "vae"),
+            "--image-size", "16", "--batch-size", "5", "--workers", "0", "--device", "cpu"]
+    return tmp_path, str(tmp_path / "vae"), argv, encode_latents.main(argv)
+
+
+def test_adm_centre_crop():
+    from PIL import Image
+    image = Image.new("L", (80, 40))
+    image.paste(255, (40, 0, 80, 40))                                  # right half white
+    crop = np.asarray(encode_latents.center_crop(image, 16))
+    assert crop.shape == (16, 16, 3)                                   # RGB, the short side 40 -> 20 (box) -> 16
+    assert (crop[:, :7] == 0).all() and (crop[:, 9:] == 255).all()     # the centre: half dark, half white
+
+
+def test_encoded_latents_are_the_autoencoders_scaled_posterior_mean(encoded):
+    from PIL import Image
+    tmp_path, vae_dir, _, z_dir = encoded
+    z, y = np.load(os.path.join(z_dir, "latents.npy")), np.load(os.path.join(z_dir, "labels.npy"))
+    assert z.shape == (40, 4, 8, 8) and z.dtype == np.float16 and y.tolist() == [0] * 20 + [1] * 20
+    with open(os.path.join(z_dir, "latents.json")) as f:
+        meta = json.load(f)
+    assert (meta["done"], meta["scale"], meta["classes"], meta["autoencoder"]) == (40, 0.18215, ["cat", "dog"], vae_dir)
+    vae = encode_latents.load_autoencoder(vae_dir, "cpu")
+    image = encode_latents.center_crop(Image.open(tmp_path / "imgs" / "dog" / "0.png"), 16)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        expected = vae.encode(x).latent_dist.mean[0] * 0.18215
+    assert torch.allclose(torch.from_numpy(z[20]).float(), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_encoding_continues_where_it_stopped_and_never_overwrites(encoded, tmp_path, capsys):
+    import shutil
+    _, _, argv, z_dir = encoded
+    shutil.copytree(z_dir, tmp_path / "z")
+    whole = np.load(os.path.join(z_dir, "latents.npy"))
+    with open(tmp_path / "z" / "latents.json") as f:
+        meta = json.load(f)
+    encode_latents.write_json(dict(meta, done=5), str(tmp_path / "z" / "latents.json"))    # stopped after one batch
+    rows = np.lib.format.open_memmap(tmp_path / "z" / "latents.npy", mode="r+")
+    rows[5:] = 0
+    del rows
+    with pytest.raises(ValueError, match="unfinished \\(5 of 40"):
+        load_latents(str(tmp_path / "z"))
+    encode_latents.main([argv[0], str(tmp_path / "z")] + argv[2:])
+    assert "continuing" in capsys.readouterr().out
+    assert np.array_equal(np.load(tmp_path / "z" / "latents.npy"), whole)
+    encode_latents.main([argv[0], str(tmp_path / "z")] + argv[2:])
+    assert "already complete" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="made otherwise \\(image_size: 16 \\(now 8\\)"):
+        encode_latents.main([argv[0], str(tmp_path / "z")] + argv[2:] + ["--image-size", "8"])
+    with pytest.raises(ValueError, match="not a latents directory"):
+        encode_latents.main([argv[0], argv[0]] + argv[2:])              # a directory of something else
+    assert np.array_equal(np.load(tmp_path / "z" / "latents.npy"), whole)
+
+
+def test_training_on_a_latents_directory_equals_the_same_latents_file_and_decodes(encoded, tmp_path):
+    _, vae_dir, _, z_dir = encoded
+    torch.save({"x": torch.from_numpy(np.load(os.path.join(z_dir, "latents.npy"))).float(),
+                "y": torch.from_numpy(np.load(os.path.join(z_dir, "labels.npy")))}, tmp_path / "z.pt")
+    clf = fid.Classifier(num_classes=2, width=4)
+    torch.save(dict(config=clf.config, model=clf.state_dict()), tmp_path / "clf.pt")
+    common = ["--dataset", "latents", "--patch-size", "2", "--routing", "dar", "--steps", "2", "--batch-size", "4"]
+    mapped = run(tmp_path, *common, "--data-path", z_dir, "--fid-every", "2", "--fid-backend", "classifier",
+                 "--fid-weights", str(tmp_path / "clf.pt"), "--fid-samples", "6", out="dir")
+    whole = run(tmp_path, *common, "--data-path", str(tmp_path / "z.pt"), out="file")
+    logs = [read_log(os.path.join(out, "dar", "log.jsonl")) for out in (mapped, whole)]
+    losses = [[(r["step"], r.get("loss"), r.get("val_loss")) for r in log if r["kind"] != "done"] for log in logs]
+    assert losses[0] == losses[1] and len(losses[0]) == 4            # the same batches, the same numbers
+    assert "sample_accuracy" in logs[0][-2] and "fid" not in logs[1][-2]     # decoded, measured (the file: no autoencoder)
+    assert os.path.exists(os.path.join(mapped, "dar", "samples_0000002.png"))
+    assert not os.path.exists(os.path.join(whole, "dar", "samples_0000002.png"))
+    data = train_cifar.load_data(train_cifar.parse_args(common + ["--data-path", z_dir, "--device", "cpu"]))
+    assert data["class_names"] == ["cat", "dog"] and data["decode"].autoencoder == vae_dir
+    assert data["decode"](torch.zeros(3, 4, 8, 8)).shape == (3, 3, 16, 16)      # latents -> images, 2x the size
+    images = np.load(tools.sample.main([os.path.join(mapped, "dar", "ckpt.pt"), "--num-samples", "3",
+                                        "--sample-steps", "2", "--device", "cpu"]) + ".npz")["images"]
+    assert images.shape == (3, 16, 16, 3)                             # decoded by the autoencoder the run names
+
+
+def test_latents_without_their_autoencoder_train_and_say_so_once(encoded, tmp_path, monkeypatch, capsys):
+    import sys
+    _, vae_dir, _, z_dir = encoded
+    monkeypatch.setitem(sys.modules, "diffusers", None)                          # not installed
+    with pytest.raises(ValueError, match="pip install diffusers"):
+        encode_latents.load_autoencoder(vae_dir, "cpu")
+    common = ["--dataset", "latents", "--data-path", z_dir, "--patch-size", "2", "--routing", "dar", "--steps", "2"]
+    out = run(tmp_path, *common)
+    assert capsys.readouterr().out.count("samples stay latents") == 1
+    assert not any(f.endswith(".png") for f in os.listdir(os.path.join(out, "dar")))
+    with pytest.raises(ValueError, match="pip install diffusers"):              # asked for by name: an error
+        run(tmp_path, *common, "--vae", vae_dir, out="asked")
+    monkeypatch.delitem(sys.modules, "diffusers")
+    run(tmp_path, *common, "--vae", "none", out="none")
+    assert "samples stay latents" not in capsys.readouterr().out
+
+
+def test_a_latents_file_far_larger_than_what_training_reads_stays_unread(tmp_path):
+    """Resident memory grows by far less than the file: only the batches' rows are read (a memory test, not a timing)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux's /proc to read resident memory")
+    n, shape = 100_000, (4, 16, 16)                                    # 2 KB a row: 205 MB
+    os.makedirs(tmp_path / "big")
+    rows = np.lib.format.open_memmap(tmp_path / "big" / "latents.npy", mode="w+", dtype=np.float16, shape=(n, *shape))
+    rng = np.random.default_rng(0)
+    for i in range(0, n, 10_000):
+        rows[i:i + 10_000] = rng.standard_normal((10_000, *shape), dtype=np.float32)
+    rows.flush()
+    del rows                                                          # unmapped: its pages are not ours any more
+    np.save(tmp_path / "big" / "labels.npy", np.arange(n) % 10)
+    size = os.path.getsize(tmp_path / "big" / "latents.npy")
+
+    def resident():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    before = resident()
+    run(tmp_path, "--dataset", "latents", "--data-path", str(tmp_path / "big"), "--patch-size", "4", "--routing",
+        "residual", "--steps", "3", "--vae", "none")
+    assert resident() - before < size / 10, (resident() - before, size)
 
 
 def test_validation_subset_of_a_class_sorted_folder_is_random_not_the_first_class(tmp_path):
@@ -991,6 +1133,7 @@ def test_resume_needs_a_checkpoint_at_or_before_the_last_step(tmp_path):
     (["--hidden-size", "30", "--num-heads", "4"], "divisible by --num-heads"),
     (["--routing", "dar,dar"], "--routing must be"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda"),
+    (["--dataset", "shapes", "--vae", "none"], "--vae decodes latents: it needs --dataset latents"),
     (["--device", "cuda:99"], "no such CUDA GPU"),
 ])
 def test_options_are_checked_before_any_data_is_loaded(tmp_path, monkeypatch, argv, message):

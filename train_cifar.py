@@ -31,6 +31,8 @@ from tqdm import tqdm
 from dar_minimal import QUERIES, DiT, flow_matching_loss, sample
 from tools import fid
 from tools.data import SHAPE_NAMES, held_out, load_cifar10, load_image_folder, load_latents, make_shapes
+from tools.encode_latents import decoder
+from tools.grid import save_grid
 from tools.compare import compare
 
 PRESETS = {  # model, optimiser, length; evaluation: every eval_every steps on val_size images, grids every sample_every
@@ -54,7 +56,9 @@ def parse_args(argv=None):
     a("--data-root", default="data", help="cifar10: where torchvision keeps (or downloads) CIFAR-10")
     a("--data-dir", help="folder: an ImageFolder tree (class subfolders)")
     a("--val-dir", help="folder: optional validation ImageFolder tree (else a held-out part of --data-dir)")
-    a("--data-path", help="latents: one .pt or .npz file holding x (N, C, H, W) and y (N,)")
+    a("--data-path", help="latents: a directory of tools/encode_latents.py (memory-mapped), or a .pt/.npz file of x, y")
+    a("--vae", help="latents: the diffusers AutoencoderKL that decodes samples for grids and FID (default: the one "
+                    "the latents directory names; none: no decoding)")
     a("--image-size", type=int, default=32)
     a("--preset", default="tiny", choices=list(PRESETS))
     for name in ("depth", "hidden-size", "num-heads", "patch-size", "batch-size", "steps"):
@@ -136,6 +140,8 @@ def check_args(args):
          "give --class-dropout > 0, or --cfg-scale 1 (no guidance)")
     need(not args.fid_every or args.fid_backend != "classifier" or os.path.isfile(args.fid_weights or ""),
          f"--fid-backend classifier needs --fid-weights FILE (made by tools/classifier.py), got {args.fid_weights!r}")
+    need(args.vae is None or args.dataset == "latents", f"--vae decodes latents: it needs --dataset latents, "
+         f"not --dataset {args.dataset}")
     need(args.hidden_size % args.num_heads == 0,
          f"--hidden-size ({args.hidden_size}) must be divisible by --num-heads ({args.num_heads})")
     need(args.arms and all(r in ("residual", "dar") for r in args.arms) and len(set(args.arms)) == len(args.arms),
@@ -158,7 +164,9 @@ def check_args(args):
 # ----------------------------------------------------------------------------------------------------
 
 def load_data(args):
-    """dict(train_x, train_y, val_x, val_y, num_classes, class_names, images): images are uint8, latents float."""
+    """dict(train_x, train_y, val_x, val_y, num_classes, class_names, images, decode): images are uint8, latents float
+    (a latents directory: memory-mapped rows, read per batch); decode: samples -> images in [-1, 1], or None."""
+    decode = lambda x: x                                               # noqa: E731 (samples of images are images)
     if args.dataset == "cifar10":
         x, y, vx, vy, classes = load_cifar10(args.data_root)
     elif args.dataset == "folder":
@@ -171,9 +179,10 @@ def load_data(args):
         else:
             x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
     elif args.dataset == "latents":
-        x, y = load_latents(args.data_path)
+        x, y, meta = load_latents(args.data_path)
         x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
-        classes = [str(c) for c in range(int(y.max()) + 1)]
+        classes = meta.get("classes") or [str(c) for c in range(int(y.max()) + 1)]
+        decode = decoder(args.vae or meta.get("autoencoder"), args.device, required=args.vae is not None)
     else:
         x, y, classes = *make_shapes(10000, args.image_size, args.seed), SHAPE_NAMES
         vx, vy = make_shapes(1000, args.image_size, args.seed + 1)
@@ -181,8 +190,8 @@ def load_data(args):
         raise ValueError(f"the {args.dataset} data set is empty")
     keep = torch.randperm(len(vx), generator=torch.Generator().manual_seed(0))[:args.val_size]   # (folders: by class)
     data = dict(train_x=x, train_y=y, val_x=vx[keep], val_y=vy[keep], num_classes=len(classes), class_names=classes,
-                images=x.dtype == torch.uint8, heldout_x=vx, heldout_y=vy)          # (all held-out data: FID)
-    if args.device.startswith("cuda"):                                 # the whole set lives on the GPU
+                images=x.dtype == torch.uint8, heldout_x=vx, heldout_y=vy, decode=decode)   # (all held-out data: FID)
+    if args.device.startswith("cuda"):                  # the whole set lives on the GPU (memory-mapped rows: not)
         data.update({k: v.to(args.device) for k, v in data.items() if torch.is_tensor(v)})
     return data
 
@@ -199,7 +208,7 @@ def epoch_order(n, seed, epoch):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation: validation loss per t, sample grids (FID: tools/fid.py)
+# Evaluation: validation loss per t, sample grids (tools/grid.py; FID: tools/fid.py)
 # ----------------------------------------------------------------------------------------------------
 
 def autocast(args):
@@ -238,34 +247,6 @@ def generate(model, n, args, seed=0, labels=None):
     with autocast(args):
         return sample(model, x0, y, steps=args.sample_steps, method=args.sampler, cfg_scale=args.cfg_scale,
                       generator=g).float()
-
-
-def save_grid(x, path, names=None, nrow=10):
-    """Samples in [-1, 1] (3 channels) -> a PNG grid; with names, one column per class, enlarged, its name on top."""
-    from PIL import Image, ImageDraw, ImageFont
-    from torchvision.utils import make_grid
-    nrow = len(names) if names else nrow
-    grid = make_grid((x[:, :3].float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1)
-    img = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).cpu().numpy())
-    if names:
-        cell = x.shape[-1] + 2
-        zoom = max(1, -(-64 // cell))                                  # columns at least 64 px wide, for the names
-        img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
-        framed = Image.new("RGB", (img.width, img.height + 14), "white")
-        framed.paste(img, (0, 14))
-        draw = ImageDraw.Draw(framed)
-        try:
-            font = ImageFont.load_default(size=12)                     # Pillow >= 10.1: spaces wide enough to see
-        except TypeError:
-            font = ImageFont.load_default()
-        for k, name in enumerate(names):
-            name = str(name)
-            while draw.textlength(name, font=font) > cell * zoom - 2:     # cut names wider than their column
-                name = name[:-1]
-            left = k * cell * zoom + (cell * zoom - draw.textlength(name, font=font)) / 2   # centred in its column
-            draw.text((left, 1), name, fill="black", font=font)
-        img = framed
-    img.save(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -405,12 +386,13 @@ def evaluate(ema, data, args, step, log, arm_dir, fid_ref, train_seconds):
     """Validation loss (and samples, FID when due) of the EMA weights; one log record, with the training time so far."""
     val, per_t = validation_loss(ema, data, args)
     record = dict(kind="eval", step=step, val_loss=val, val_loss_per_t=per_t, train_seconds=train_seconds)
-    if data["images"] and (step % args.sample_every == 0 or step == args.steps):
+    if data["decode"] and (step % args.sample_every == 0 or step == args.steps):
         names = data["class_names"][:10]
-        save_grid(generate(ema, 4 * len(names), args), os.path.join(arm_dir, f"samples_{step:07d}.png"), names)
+        save_grid(data["decode"](generate(ema, 4 * len(names), args)), os.path.join(arm_dir, f"samples_{step:07d}.png"),
+                  names)
     if fid_ref is not None and args.fid_every and (step % args.fid_every == 0 or step == args.steps):
         n = [min(500, args.fid_samples - i) for i in range(0, args.fid_samples, 500)]    # labels 0, 1, 2, .. each
-        fake = torch.cat([generate(ema, k, args, seed=1 + 500 * j) for j, k in enumerate(n)])
+        fake = data["decode"](torch.cat([generate(ema, k, args, seed=1 + 500 * j) for j, k in enumerate(n)]))
         record.update(fid.measures(*fid_ref, fake, torch.cat([torch.arange(k) % ema.num_classes for k in n]), args.device))
     log.write(**record)
     return record
@@ -667,7 +649,7 @@ def main(argv=None):
     data = load_data(args)
     print(f"{args.dataset}: {len(data['train_x'])} train, {len(data['val_x'])} val, "
           f"{tuple(data['train_x'].shape[1:])}, {data['num_classes']} classes; device {args.device}")
-    fid_ref = fid.setup(data, args) if args.fid_every and data["images"] and args.rank == 0 else None
+    fid_ref = fid.setup(data, args) if args.fid_every and data["decode"] and args.rank == 0 else None
     arms = {}
     with StopSignals(quiet=args.rank > 0) as stop:     # Ctrl-C or SIGTERM: finish the step, checkpoint, exit
         for routing in args.arms:

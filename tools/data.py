@@ -1,17 +1,40 @@
 """
 data.py: the data sets train_cifar.py reads, each as one tensor of images (uint8) or latents (float) and labels:
-an ImageFolder tree, a latents file, and the built-in shapes of the quick start (--dataset shapes).
+an ImageFolder tree, a latents file or a memory-mapped latents directory (tools/encode_latents.py), and the built-in
+shapes of the quick start (--dataset shapes).
 """
+import json
 import math
 import os
 
+import numpy as np
 import torch
 
 
+class MappedRows:
+    """Rows `index` of a memory-mapped (N, C, H, W) array, read only when asked for: rows[i] (i: a tensor of
+    positions) gathers those rows into a float tensor; the whole array is never loaded."""
+
+    def __init__(self, array, index):
+        self.array, self.index = array, index
+        self.shape, self.dtype, self.device = (len(index), *array.shape[1:]), torch.float32, torch.device("cpu")
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.array[self.index[i].numpy()].astype(np.float32))
+
+    def rows(self, i):
+        """A subset of these rows, still unread."""
+        return MappedRows(self.array, self.index[i])
+
+
 def held_out(x, y, n_val, seed):
-    """Split off a deterministic validation part of n_val items."""
+    """Split off a deterministic validation part of n_val items (of memory-mapped rows: only that part is read)."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 12345))
-    return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
+    train = x.rows(perm[n_val:]) if isinstance(x, MappedRows) else x[perm[n_val:]]
+    return train, y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
 
 
 def load_cifar10(root):
@@ -51,8 +74,13 @@ def load_image_folder(path, size):
 
 
 def load_latents(path):
-    """x (N, C, H, W) float and y (N,) labels from a .pt or .npz file, checked: shapes, integer labels >= 0, finite x."""
-    expected = "--data-path must be a .pt or .npz file holding x (N, C, H, W) and integer labels y (N,)"
+    """x (N, C, H, W) float, y (N,) labels and what made them (the directory's latents.json, else {}): a .pt or .npz
+    file read whole, or a directory of tools/encode_latents.py memory-mapped (x: MappedRows); checked: shapes, integer
+    labels >= 0, and (files) finite x."""
+    expected = ("--data-path must be a directory of tools/encode_latents.py (latents.npy, labels.npy) or a .pt or "
+                ".npz file holding x (N, C, H, W) and integer labels y (N,)")
+    if path and os.path.isdir(path):
+        return load_latent_dir(path, expected)
     if not path or not os.path.isfile(path):
         raise ValueError(f"{expected}; got {path!r}")
     try:
@@ -73,7 +101,31 @@ def load_latents(path):
         raise ValueError(f"{path!r}: x holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
     if (y < 0).any():
         raise ValueError(f"{path!r}: labels y must be >= 0, found {int(y.min())}")
-    return x, y
+    return x, y, {}
+
+
+def load_latent_dir(path, expected):
+    """A latents directory: latents.npy memory-mapped (nothing read yet: its values are not checked here, a
+    non-finite loss stops training), labels.npy read, latents.json if present (an unfinished encoding is refused)."""
+    meta = {}
+    if os.path.isfile(os.path.join(path, "latents.json")):
+        with open(os.path.join(path, "latents.json")) as f:
+            meta = json.load(f)
+        if meta.get("done", meta.get("count")) != meta.get("count"):
+            raise ValueError(f"{path!r} is unfinished ({meta['done']} of {meta['count']} images encoded): run "
+                             "tools/encode_latents.py again with the same options to complete it")
+    try:
+        x = np.load(os.path.join(path, "latents.npy"), mmap_mode="r")
+        y = torch.from_numpy(np.load(os.path.join(path, "labels.npy")))
+    except Exception as e:
+        raise ValueError(f"{expected}; could not read {path!r} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if x.ndim != 4 or y.shape != (len(x),) or y.is_floating_point() or y.is_complex() or len(x) < 2 or \
+            x.dtype.kind != "f":
+        raise ValueError(f"{expected}; {path!r} has latents {x.shape} {x.dtype} and labels {tuple(y.shape)} {y.dtype}")
+    if (y < 0).any():
+        raise ValueError(f"{path!r}: labels must be >= 0, found {int(y.min())}")
+    return MappedRows(x, torch.arange(len(x))), y.long(), meta
 
 
 SHAPE_NAMES = ["disc", "ring", "square", "frame", "plus", "x", "triangle", "bar", "two dots", "crescent"]

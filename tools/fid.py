@@ -107,8 +107,8 @@ def reference(net, images, path, device):
 
 def setup(data, args):
     """(net, mu, cov) of --fid-backend, the reference statistics cached in --out (named in the terminal and in each
-    arm's config.json): --fid-samples random training images (pytorch-fid) or held-out images (classifier); None
-    when pytorch-fid or its weights are missing."""
+    arm's config.json): --fid-samples random training images (pytorch-fid) or held-out images (classifier), latents
+    decoded by the autoencoder; None when pytorch-fid or its weights are missing."""
     if args.fid_backend == "classifier":
         net = load_classifier(args.fid_weights, args.device)
         x, tag = data["heldout_x"], f"classifier_{sha256(args.fid_weights)[:12]}"
@@ -120,7 +120,7 @@ def setup(data, args):
     real = x[pick.to(x.device)]
     images = hashlib.sha256(real.cpu().numpy().tobytes()).hexdigest()[:12]       # the cache names its images
     args.fid_reference = os.path.join(args.out, f"fid_ref_{tag}_{args.dataset}_{len(real)}_{images}.pt")
-    real = real.float() / 127.5 - 1
+    real = real.float() / 127.5 - 1 if real.dtype == torch.uint8 else data["decode"](real)    # latents: decoded
     print(f"FID ({args.fid_backend}) against the statistics of {len(real)} images in {args.fid_reference}")
     return net, *reference(net, real, args.fid_reference, args.device)
 

@@ -1,10 +1,12 @@
 """
 sample.py: samples of a train_cifar.py checkpoint's EMA weights: a grid PNG of the first 100 and an .npz of all of
 them as uint8 NHWC images (the format of DiT's sample_ddp.py, which external FID code reads), beside the checkpoint.
+A latent model's samples are decoded by its autoencoder (--vae, or the one its run's latents directory names).
 
     python tools/sample.py runs/quickstart/dar/ckpt.pt --num-samples 1000 --sample-steps 50
 """
 import argparse
+import json
 import os
 import sys
 
@@ -13,7 +15,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dar_minimal import DiT  # noqa: E402
-from train_cifar import generate, load_checkpoint, save_grid  # noqa: E402
+from tools.encode_latents import decoder, recorded_autoencoder  # noqa: E402
+from tools.grid import save_grid  # noqa: E402
+from train_cifar import generate, load_checkpoint  # noqa: E402
 
 
 def main(argv=None):
@@ -27,6 +31,8 @@ def main(argv=None):
     a("--cfg-scale", type=float, default=1.5, help="1: no guidance")
     a("--precision", default="fp32", choices=["fp32", "bf16"])
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--vae", help="a latent model's diffusers AutoencoderKL (default: the one named by the latents directory in the "
+                    "run's config.json beside the checkpoint; none: the latents' first 3 channels as they are)")
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.sample_steps < 1:
         p.error(f"--num-samples and --sample-steps must be positive, got {args.num_samples} and {args.sample_steps}")
@@ -35,6 +41,16 @@ def main(argv=None):
     model.load_state_dict(ckpt["ema"])
     x = torch.cat([generate(model, min(500, args.num_samples - i), args, seed=1 + i)
                    for i in range(0, args.num_samples, 500)])
+    if ckpt.get("stream", {}).get("dataset") == "latents":
+        config = os.path.join(os.path.dirname(args.ckpt), "config.json")
+        run = {}
+        if os.path.isfile(config):
+            with open(config) as f:
+                run = json.load(f)["args"]
+        decode = decoder(args.vae or recorded_autoencoder(run.get("data_path")), args.device, required=bool(args.vae))
+        if decode is None:
+            print("note: a latent model without an autoencoder: the grid and .npz show the latents' first 3 channels")
+        x = decode(x) if decode else x
     stem = os.path.splitext(args.ckpt)[0] + f"_samples{args.num_samples}"
     save_grid(x[:100], stem + ".png", nrow=min(10, model.num_classes))
     images = ((x[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

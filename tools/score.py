@@ -23,10 +23,10 @@ from tools import fid  # noqa: E402
 from train_cifar import generate, load_checkpoint, load_data, parse_args  # noqa: E402
 
 
-def score(model, fid_ref, args, draw=0):
-    """The measures of args.fid_samples samples of model, noise seeds offset by draw."""
+def score(model, fid_ref, args, draw=0, decode=lambda x: x):
+    """The measures of args.fid_samples samples of model (decoded to images), noise seeds offset by draw."""
     n = [min(500, args.fid_samples - i) for i in range(0, args.fid_samples, 500)]
-    fake = torch.cat([generate(model, k, args, seed=1 + 500 * j + 1_000_000 * draw) for j, k in enumerate(n)])
+    fake = decode(torch.cat([generate(model, k, args, seed=1 + 500 * j + 1_000_000 * draw) for j, k in enumerate(n)]))
     return fid.measures(*fid_ref, fake, torch.cat([torch.arange(k) % model.num_classes for k in n]), args.device)
 
 
@@ -46,6 +46,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     ckpts = {path: load_checkpoint(path, args.device) for path in own.ckpts}      # refused before any data
     data = load_data(args)
+    if data["decode"] is None:
+        raise ValueError("samples of latents are scored as images: give --vae NAME (a diffusers AutoencoderKL)")
     fid_ref = fid.setup(data, args)
     if fid_ref is None:
         raise ValueError(f"--fid-backend {args.fid_backend} is not available here (see the line above)")
@@ -56,7 +58,7 @@ def main(argv=None):
         for draw in range(own.first_draw, own.first_draw + own.draws):
             t0 = time.time()
             row = dict(checkpoint=path, step=ckpt["step"], routing=model.routing, draw=draw,
-                       **score(model, fid_ref, args, draw), seconds=time.time() - t0)
+                       **score(model, fid_ref, args, draw, data["decode"]), seconds=time.time() - t0)
             rows.append(row)
             print(f"{path} (step {row['step']}, {row['routing']}, draw {draw}): FD {row['fid']:.3f}"
                   + (f", sample accuracy {row['sample_accuracy']:.3f}" if "sample_accuracy" in row else "")
