@@ -1015,7 +1015,8 @@ def test_latents_without_their_autoencoder_train_and_say_so_once(encoded, tmp_pa
 
 
 def test_a_latents_file_far_larger_than_what_training_reads_stays_unread(tmp_path):
-    """Resident memory grows by far less than the file: only the batches' rows are read (a memory test, not a timing)."""
+    """Resident memory grows by far less than the file: only the batches' rows are read, and they are read, not
+    mapped (a memory test, not a timing)."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs Linux's /proc to read resident memory")
     n, shape = 100_000, (4, 16, 16)                                    # 2 KB a row: 205 MB
@@ -1034,8 +1035,8 @@ def test_a_latents_file_far_larger_than_what_training_reads_stays_unread(tmp_pat
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
     before = resident()
     run(tmp_path, "--dataset", "latents", "--data-path", str(tmp_path / "big"), "--patch-size", "4", "--routing",
-        "residual", "--steps", "3", "--vae", "none")
-    assert resident() - before < size / 10, (resident() - before, size)
+        "residual", "--steps", "30", "--batch-size", "64", "--vae", "none")      # 1,920 rows read, 2% of them
+    assert resident() - before < size / 10, (resident() - before, size)   # (a memory map: + 60% with its neighbours)
 
 
 def test_validation_subset_of_a_class_sorted_folder_is_random_not_the_first_class(tmp_path):

@@ -56,7 +56,7 @@ def parse_args(argv=None):
     a("--data-root", default="data", help="cifar10: where torchvision keeps (or downloads) CIFAR-10")
     a("--data-dir", help="folder: an ImageFolder tree (class subfolders)")
     a("--val-dir", help="folder: optional validation ImageFolder tree (else a held-out part of --data-dir)")
-    a("--data-path", help="latents: a directory of tools/encode_latents.py (memory-mapped), or a .pt/.npz file of x, y")
+    a("--data-path", help="latents: a directory of tools/encode_latents.py (read per batch), or a .pt/.npz file of x, y")
     a("--vae", help="latents: the diffusers AutoencoderKL that decodes samples for grids and FID (default: the one "
                     "the latents directory names; none: no decoding)")
     a("--image-size", type=int, default=32)
@@ -165,7 +165,7 @@ def check_args(args):
 
 def load_data(args):
     """dict(train_x, train_y, val_x, val_y, num_classes, class_names, images, decode): images are uint8, latents float
-    (a latents directory: memory-mapped rows, read per batch); decode: samples -> images in [-1, 1], or None."""
+    (a latents directory: rows read per batch); decode: samples -> images in [-1, 1], or None."""
     decode = lambda x: x                                               # noqa: E731 (samples of images are images)
     if args.dataset == "cifar10":
         x, y, vx, vy, classes = load_cifar10(args.data_root)
@@ -191,7 +191,7 @@ def load_data(args):
     keep = torch.randperm(len(vx), generator=torch.Generator().manual_seed(0))[:args.val_size]   # (folders: by class)
     data = dict(train_x=x, train_y=y, val_x=vx[keep], val_y=vy[keep], num_classes=len(classes), class_names=classes,
                 images=x.dtype == torch.uint8, heldout_x=vx, heldout_y=vy, decode=decode)   # (all held-out data: FID)
-    if args.device.startswith("cuda"):                  # the whole set lives on the GPU (memory-mapped rows: not)
+    if args.device.startswith("cuda"):                  # the whole set lives on the GPU (rows read per batch: not)
         data.update({k: v.to(args.device) for k, v in data.items() if torch.is_tensor(v)})
     return data
 

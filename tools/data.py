@@ -1,6 +1,6 @@
 """
 data.py: the data sets train_cifar.py reads, each as one tensor of images (uint8) or latents (float) and labels:
-an ImageFolder tree, a latents file or a memory-mapped latents directory (tools/encode_latents.py), and the built-in
+an ImageFolder tree, a latents file or a latents directory read per batch (tools/encode_latents.py), and the built-in
 shapes of the quick start (--dataset shapes).
 """
 import json
@@ -11,29 +11,39 @@ import numpy as np
 import torch
 
 
-class MappedRows:
-    """Rows `index` of a memory-mapped (N, C, H, W) array, read only when asked for: rows[i] (i: a tensor of
-    positions) gathers those rows into a float tensor; the whole array is never loaded."""
+class FileRows:
+    """Rows `index` of an (N, C, H, W) .npy file, read from the file when asked for: rows[i] (i: a tensor of
+    positions) reads those rows (one positional read each, through the page cache) into a float tensor. Not a memory
+    map: a mapping counts every page the kernel maps around a touched row as the process's own resident memory, which
+    grew to the whole file's size in 300 steps (results/latents/mapped/)."""
 
-    def __init__(self, array, index):
-        self.array, self.index = array, index
-        self.shape, self.dtype, self.device = (len(index), *array.shape[1:]), torch.float32, torch.device("cpu")
+    def __init__(self, path, index):
+        header = np.load(path, mmap_mode="r")                         # shape, dtype and where the rows begin
+        self.path, self.index, self.file_dtype, self.offset = path, index, header.dtype, header.offset
+        self.row_bytes = header.dtype.itemsize * int(np.prod(header.shape[1:]))
+        self.shape, self.dtype, self.device = (len(index), *header.shape[1:]), torch.float32, torch.device("cpu")
 
     def __len__(self):
         return len(self.index)
 
     def __getitem__(self, i):
-        return torch.from_numpy(self.array[self.index[i].numpy()].astype(np.float32))
+        rows = []
+        with open(self.path, "rb") as f:
+            for r in self.index[i].tolist():
+                f.seek(self.offset + r * self.row_bytes)
+                rows.append(f.read(self.row_bytes))
+        x = np.frombuffer(b"".join(rows), self.file_dtype).reshape(len(rows), *self.shape[1:])
+        return torch.from_numpy(x.astype(np.float32))
 
     def rows(self, i):
         """A subset of these rows, still unread."""
-        return MappedRows(self.array, self.index[i])
+        return FileRows(self.path, self.index[i])
 
 
 def held_out(x, y, n_val, seed):
-    """Split off a deterministic validation part of n_val items (of memory-mapped rows: only that part is read)."""
+    """Split off a deterministic validation part of n_val items (of FileRows: only that part is read)."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 12345))
-    train = x.rows(perm[n_val:]) if isinstance(x, MappedRows) else x[perm[n_val:]]
+    train = x.rows(perm[n_val:]) if isinstance(x, FileRows) else x[perm[n_val:]]
     return train, y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
 
 
@@ -75,7 +85,7 @@ def load_image_folder(path, size):
 
 def load_latents(path):
     """x (N, C, H, W) float, y (N,) labels and what made them (the directory's latents.json, else {}): a .pt or .npz
-    file read whole, or a directory of tools/encode_latents.py memory-mapped (x: MappedRows); checked: shapes, integer
+    file read whole, or a directory of tools/encode_latents.py read per batch (x: FileRows); checked: shapes, integer
     labels >= 0, and (files) finite x."""
     expected = ("--data-path must be a directory of tools/encode_latents.py (latents.npy, labels.npy) or a .pt or "
                 ".npz file holding x (N, C, H, W) and integer labels y (N,)")
@@ -105,8 +115,8 @@ def load_latents(path):
 
 
 def load_latent_dir(path, expected):
-    """A latents directory: latents.npy memory-mapped (nothing read yet: its values are not checked here, a
-    non-finite loss stops training), labels.npy read, latents.json if present (an unfinished encoding is refused)."""
+    """A latents directory: latents.npy as FileRows (nothing read yet: its values are not checked here, a non-finite
+    loss stops training), labels.npy read, latents.json if present (an unfinished encoding is refused)."""
     meta = {}
     if os.path.isfile(os.path.join(path, "latents.json")):
         with open(os.path.join(path, "latents.json")) as f:
@@ -115,7 +125,7 @@ def load_latent_dir(path, expected):
             raise ValueError(f"{path!r} is unfinished ({meta['done']} of {meta['count']} images encoded): run "
                              "tools/encode_latents.py again with the same options to complete it")
     try:
-        x = np.load(os.path.join(path, "latents.npy"), mmap_mode="r")
+        x = np.load(os.path.join(path, "latents.npy"), mmap_mode="r")           # the header only: nothing is read
         y = torch.from_numpy(np.load(os.path.join(path, "labels.npy")))
     except Exception as e:
         raise ValueError(f"{expected}; could not read {path!r} ({type(e).__name__}: "
@@ -125,7 +135,7 @@ def load_latent_dir(path, expected):
         raise ValueError(f"{expected}; {path!r} has latents {x.shape} {x.dtype} and labels {tuple(y.shape)} {y.dtype}")
     if (y < 0).any():
         raise ValueError(f"{path!r}: labels must be >= 0, found {int(y.min())}")
-    return MappedRows(x, torch.arange(len(x))), y.long(), meta
+    return FileRows(os.path.join(path, "latents.npy"), torch.arange(len(x))), y.long(), meta
 
 
 SHAPE_NAMES = ["disc", "ring", "square", "frame", "plus", "x", "triangle", "bar", "two dots", "crescent"]

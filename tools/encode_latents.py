@@ -3,7 +3,7 @@ encode_latents.py: images -> latents for `train_cifar.py --dataset latents`, the
 Diffusion VAE latents): every image of an ImageFolder tree is resized and centre-cropped to --image-size (ADM's crop,
 as DiT does), encoded by a pretrained diffusers AutoencoderKL, and its posterior's mean (or a sample) scaled by the
 autoencoder's scaling factor (0.18215 for SD-VAE; after its shift factor, where it has one). Writes, into OUT:
-  latents.npy  (N, C, H, W) float16, read memory-mapped by train_cifar.py (32 x 32 x 4 per image at 256: 8 KB)
+  latents.npy  (N, C, H, W) float16, read row by row by train_cifar.py (32 x 32 x 4 per image at 256: 8 KB)
   labels.npy   (N,) int64, the class folders' indices (sorted names, as ImageFolder)
   latents.json what made them: autoencoder, size, scale, shift, posterior, flips, classes, rows done so far
 An interrupted run continues where it stopped (the same command); a finished one, or one with other settings, is
@@ -135,7 +135,8 @@ def main(argv=None):
         raise ValueError(f"no images found in {args.images!r} (expected class subfolders of images): {e}") from None
     vae = load_autoencoder(args.vae, args.device)                          # one line when it cannot be had
     scale, shift = scaling(vae)
-    meta = dict(autoencoder=args.vae, image_size=args.image_size, scale=scale, shift=shift, posterior=args.posterior,
+    name = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae    # a local one: from anywhere
+    meta = dict(autoencoder=name, image_size=args.image_size, scale=scale, shift=shift, posterior=args.posterior,
                 seed=args.seed, batch_size=args.batch_size, flips="none stored: train_cifar.py mirrors latents at random, as it mirrors images",
                 classes=ds.classes, images=os.path.abspath(args.images), count=len(ds))
     paths = {k: os.path.join(args.out, k) for k in ("latents.npy", "labels.npy", "latents.json")}
