@@ -56,7 +56,7 @@ def parse_args(argv=None):
     a("--data-root", default="data", help="cifar10: where torchvision keeps (or downloads) CIFAR-10")
     a("--data-dir", help="folder: an ImageFolder tree (class subfolders)")
     a("--val-dir", help="folder: optional validation ImageFolder tree (else a held-out part of --data-dir)")
-    a("--data-path", help="latents: a directory of tools/encode_latents.py (read per batch), or a .pt/.npz file of x, y")
+    a("--data-path", help="latents: a directory of tools/encode_latents.py (read per batch), or a .pt/.npz of x, y")
     a("--vae", help="latents: the diffusers AutoencoderKL that decodes samples for grids and FID (default: the one "
                     "the latents directory names; none: no decoding)")
     a("--image-size", type=int, default=32)

@@ -47,7 +47,8 @@ def load_autoencoder(name, device):
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise ValueError(f"the autoencoder {name!r} needs the optional package diffusers (pip install diffusers)") from None
+        raise ValueError(f"the autoencoder {name!r} needs the optional package diffusers "
+                         "(pip install diffusers)") from None
     import huggingface_hub
     huggingface_hub.utils.logging.set_verbosity_error()               # no retry lines: one line if it fails
     print(f"loading the autoencoder {name} (diffusers)")
@@ -119,7 +120,8 @@ def main(argv=None):
     a("--posterior", default="mean", choices=["mean", "sample"], help="the posterior's mean, or a sample (seeded)")
     a("--batch-size", type=int, default=32)
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-reading processes")
-    a("--seed", type=int, default=0, help="--posterior sample: the noise of batch k is seeded by seed + k (so a continued run keeps --batch-size)")
+    a("--seed", type=int, default=0,
+      help="--posterior sample: the noise of batch k is seeded by seed + k (a continued run keeps --batch-size)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.image_size < 1 or args.batch_size < 1:
@@ -137,8 +139,8 @@ def main(argv=None):
     scale, shift = scaling(vae)
     name = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae    # a local one: from anywhere
     meta = dict(autoencoder=name, image_size=args.image_size, scale=scale, shift=shift, posterior=args.posterior,
-                seed=args.seed, batch_size=args.batch_size, flips="none stored: train_cifar.py mirrors latents at random, as it mirrors images",
-                classes=ds.classes, images=os.path.abspath(args.images), count=len(ds))
+                seed=args.seed, batch_size=args.batch_size, classes=ds.classes, images=os.path.abspath(args.images),
+                count=len(ds), flips="none stored: train_cifar.py mirrors latents at random, as it mirrors images")
     paths = {k: os.path.join(args.out, k) for k in ("latents.npy", "labels.npy", "latents.json")}
     done = 0
     if os.path.exists(paths["latents.json"]):
@@ -157,7 +159,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     rest = torch.utils.data.Subset(ds, range(done, len(ds)))
     loader = torch.utils.data.DataLoader(rest, batch_size=args.batch_size, num_workers=args.workers)
-    latents = np.lib.format.open_memmap(paths["latents.npy"], mode="r+") if done else None
+    offset = np.load(paths["latents.npy"], mmap_mode="r").offset if done else None    # where the rows begin
     for k, (x, _) in enumerate(tqdm(loader, desc="encoding", initial=done // args.batch_size,
                                     total=-(-len(ds) // args.batch_size)), start=done // args.batch_size):
         with torch.no_grad():
@@ -165,15 +167,16 @@ def main(argv=None):
             g = torch.Generator(args.device).manual_seed(args.seed + k)
             z = posterior.mean if args.posterior == "mean" else posterior.sample(generator=g)
             z = ((z - shift) * scale).cpu().numpy().astype(np.float16)
-        if latents is None:                                     # the first batch tells the latents' shape
+        if offset is None:                  # the first batch tells the latents' shape: the file, at its full size
             np.save(paths["labels.npy"], np.array(ds.targets, dtype=np.int64))
-            latents = np.lib.format.open_memmap(paths["latents.npy"], mode="w+", dtype=np.float16,
-                                                shape=(len(ds), *z.shape[1:]))
-        latents[done:done + len(z)] = z
-        latents.flush()                                        # the rows first, then the record that they are there
-        done += len(z)
+            offset = np.lib.format.open_memmap(paths["latents.npy"], mode="w+", dtype=np.float16,
+                                               shape=(len(ds), *z.shape[1:])).offset
+        with open(paths["latents.npy"], "r+b") as f:            # written, not mapped: the process stays small
+            f.seek(offset + done * z[0].nbytes)
+            f.write(z.tobytes())
+        done += len(z)                                         # the rows first, then the record that they are there
         write_json(dict(meta, done=done), paths["latents.json"])
-    print(f"wrote {len(ds)} latents {tuple(latents.shape[1:])} to {args.out}")
+    print(f"wrote {len(ds)} latents {tuple(z.shape[1:])} to {args.out}")
     return args.out
 
 
