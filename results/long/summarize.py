@@ -87,13 +87,17 @@ def summarize(run, pauses, restarts):
 
 def sample_quality(run):
     """Per step at which both arms' kept checkpoints were scored (results/long/<run>/scores*.json, written by
-    score.sh): the Frechet distance and sample accuracy of each arm, means over draws."""
+    score.sh; an arm from another run: that run's scores): the Frechet distance and sample accuracy of each arm,
+    means over draws."""
     got = {}
-    for name in sorted(os.listdir(os.path.join(HERE, run))):
-        if name.startswith("scores") and name.endswith(".json"):
-            with open(os.path.join(HERE, run, name)) as f:
-                for r in json.load(f)["rows"]:
-                    got.setdefault((r["step"], r["routing"]), []).append(r)
+    for arm in ("residual", "dar"):
+        folder = os.path.join(HERE, source(run, arm))
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("scores") and name.endswith(".json"):
+                with open(os.path.join(folder, name)) as f:
+                    for r in json.load(f)["rows"]:
+                        if r["routing"] == arm:
+                            got.setdefault((r["step"], arm), []).append(r)
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
     return [dict(step=step, **{f"{arm}_{k}": mean(got[step, arm], k) for arm in ("residual", "dar")
                                for k in ("fid", "sample_accuracy")})
