@@ -1014,6 +1014,20 @@ def test_latents_without_their_autoencoder_train_and_say_so_once(encoded, tmp_pa
     assert "samples stay latents" not in capsys.readouterr().out
 
 
+def test_a_latents_directory_is_checked_when_loaded(tmp_path):
+    os.makedirs(tmp_path / "z")
+    np.save(tmp_path / "z" / "latents.npy", np.zeros((6, 4, 2, 2), np.float16))
+    with pytest.raises(ValueError, match="could not read .*labels.npy"):                       # no labels
+        load_latents(str(tmp_path / "z"))
+    for latents, labels, message in [(np.zeros((6, 4, 2, 2), np.int64), np.arange(6), "has latents"),
+                                     (np.zeros((6, 4, 2, 2), np.float16), np.arange(5), "has latents"),
+                                     (np.zeros((6, 4, 2, 2), np.float16), np.arange(6) - 1, "must be >= 0")]:
+        np.save(tmp_path / "z" / "latents.npy", latents)
+        np.save(tmp_path / "z" / "labels.npy", labels)
+        with pytest.raises(ValueError, match=message):
+            load_latents(str(tmp_path / "z"))
+
+
 def test_a_latents_file_far_larger_than_what_training_reads_stays_unread(tmp_path):
     """Resident memory grows by far less than the file: only the batches' rows are read, and they are read, not
     mapped (a memory test, not a timing)."""

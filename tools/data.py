@@ -24,9 +24,11 @@ class FileRows:
         self.shape, self.dtype, self.device = (len(index), *header.shape[1:]), torch.float32, torch.device("cpu")
 
     def __len__(self):
+        """The number of rows."""
         return len(self.index)
 
     def __getitem__(self, i):
+        """The rows at positions i (a tensor of positions), read now, as float32."""
         rows = []
         with open(self.path, "rb") as f:
             for r in self.index[i].tolist():
@@ -131,7 +133,7 @@ def load_latent_dir(path, expected):
         raise ValueError(f"{expected}; could not read {path!r} ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     if x.ndim != 4 or y.shape != (len(x),) or y.is_floating_point() or y.is_complex() or len(x) < 2 or \
-            x.dtype.kind != "f":
+            x.dtype.kind != "f" or not x.flags.c_contiguous:
         raise ValueError(f"{expected}; {path!r} has latents {x.shape} {x.dtype} and labels {tuple(y.shape)} {y.dtype}")
     if (y < 0).any():
         raise ValueError(f"{path!r}: labels must be >= 0, found {int(y.min())}")
