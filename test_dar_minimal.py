@@ -973,6 +973,22 @@ def test_encoding_continues_where_it_stopped_and_never_overwrites(encoded, tmp_p
     assert np.array_equal(np.load(tmp_path / "z" / "latents.npy"), whole)
 
 
+def test_posterior_samples_are_seeded_per_batch_so_a_continued_run_gives_the_same_rows(encoded, tmp_path):
+    _, _, argv, z_dir = encoded
+    argv = [argv[0], str(tmp_path / "z")] + argv[2:] + ["--posterior", "sample"]
+    whole = np.load(os.path.join(encode_latents.main(argv), "latents.npy"))
+    mean = np.load(os.path.join(z_dir, "latents.npy"))
+    assert not np.array_equal(whole, mean) and np.abs(whole - mean).max() > 1e-3      # a sample, not the mean
+    with open(tmp_path / "z" / "latents.json") as f:
+        meta = json.load(f)
+    encode_latents.write_json(dict(meta, done=10), str(tmp_path / "z" / "latents.json"))  # stopped after two batches
+    rows = np.lib.format.open_memmap(tmp_path / "z" / "latents.npy", mode="r+")
+    rows[10:] = 0
+    del rows
+    encode_latents.main(argv)
+    assert np.array_equal(np.load(tmp_path / "z" / "latents.npy"), whole)
+
+
 def test_training_on_a_latents_directory_equals_the_same_latents_file_and_decodes(encoded, tmp_path):
     _, vae_dir, _, z_dir = encoded
     torch.save({"x": torch.from_numpy(np.load(os.path.join(z_dir, "latents.npy"))).float(),

@@ -182,7 +182,8 @@ def load_data(args):
         x, y, meta = load_latents(args.data_path)
         x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
         classes = meta.get("classes") or [str(c) for c in range(int(y.max()) + 1)]
-        decode = decoder(args.vae or meta.get("autoencoder"), args.device, required=args.vae is not None)
+        decode = decoder(args.vae or meta.get("autoencoder"), args.device, required=args.vae is not None) \
+            if args.rank == 0 else None                               # only rank 0 draws grids and measures FID
     else:
         x, y, classes = *make_shapes(10000, args.image_size, args.seed), SHAPE_NAMES
         vx, vy = make_shapes(1000, args.image_size, args.seed + 1)
