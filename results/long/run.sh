@@ -26,7 +26,8 @@ all=("d8_s0 8 0 8000" "d12_s0 12 0 6000" "d8_s1 8 1 8000" "d4_s1 4 1 8000"
      "d8_s0_repro 8 0 1000"                                        # issue 27: does today's code give d8_s0's residual?
      "d8_s0_te 8 0 8000 --compile --dar-query static_t_embed"      # issue 27: e(t) as the paper words it
      "d8_s0_c2 8 0 8000 --compile --dar-chunk 2"                   # issue 27: chunk by the rule at L = 16
-     "d8_s0_c1 8 0 8000 --compile --dar-chunk 1")                  # issue 27: dense
+     "d8_s0_c1 8 0 8000 --compile --dar-chunk 1"                   # issue 27: dense
+     "w64_d24_s1 24 1 8000 --hidden-size 64 --dar-chunk 4 --compile")   # issue 27: a second seed where the gain lasts
 shift || true
 want=" ${*:-d8_s0 d12_s0 d8_s1 d4_s1 d8_s0_cos w64_d24_s0} "          # (the issue-27 8-block runs: by name)
 for run in "${all[@]}"; do
