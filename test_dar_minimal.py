@@ -589,6 +589,17 @@ def test_bench_cpu_peak_memory_of_one_arm_in_a_child_process():
     assert bench.peak_memory(args, dict(depth=1, routing="dar", dar_chunk=2), False) > 4 * 2**20
 
 
+def test_the_default_chunk_size_is_one_number_in_the_model_and_the_script():
+    """DiT's default chunk size (4, the paper's S for DiT-XL) is the router's and train_cifar's, for every preset."""
+    import inspect
+    default = inspect.signature(DiT).parameters["dar_chunk"].default
+    assert default == 4
+    for preset in train_cifar.PRESETS:
+        assert train_cifar.parse_args(["--preset", preset, "--device", "cpu"]).dar_chunk == default
+    router = DiT(**TINY, routing="dar").router                             # L = 6 sublayers
+    assert router.chunk == default and router.sources == [chunk_sources(l, 6, default) for l in range(1, 8)]
+
+
 def test_compile_is_the_default_on_cuda_only_and_can_be_switched(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)              # options only: no GPU is touched
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
