@@ -8,7 +8,8 @@ evaluation, None when it never got there), the ratio N / those steps (above 1: D
 the residual's step with DAR's loss at N, over N), and the same in training time. Training times exclude evaluation, and the pauses recorded in pauses.jsonl (when the runs were stopped so that
 a benchmark could time a quiet machine). After the other arm had finished, an arm ran on other terms (restarts.jsonl:
 continued with more threads so that the run ends within a session, or sharing the cores with the next run): it has
-no comparable training time after that step, and from there its time ratios are left out.
+no comparable training time after that step, and from there its time ratios are left out. A DAR-only run compared
+with another run's residual arm (<run>/residual_from) has no time ratios at all: its arms did not train side by side.
 """
 import json
 import os
@@ -62,6 +63,8 @@ def summarize(run, pauses, restarts):
     timed = lambda arm, ev: [r for r in ev if all(r["step"] <= x["step"] for x in restarts
                                                   if x["run"] == run and x["arm"] == arm)]
     res_timed, dar_timed = timed("residual", res), timed("dar", dar)
+    if source(run, "residual") != run:                  # the arms trained at other times, on other loads: no timing
+        res_timed = []
     rows = []
     for r in res:
         steps, exact = reach(dar, r["val_loss"], "step")
