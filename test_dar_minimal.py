@@ -963,17 +963,22 @@ def test_encoded_latents_are_the_autoencoders_scaled_posterior_mean(encoded):
     assert torch.allclose(torch.from_numpy(z[20]).float(), expected, rtol=1e-3, atol=1e-4)
 
 
+def interrupt(z_dir, done):
+    """Makes an encoded directory look stopped after `done` rows: the record says so, later rows are zero."""
+    with open(z_dir / "latents.json") as f:
+        meta = json.load(f)
+    encode_latents.write_json(dict(meta, done=done), str(z_dir / "latents.json"))
+    rows = np.lib.format.open_memmap(z_dir / "latents.npy", mode="r+")
+    rows[done:] = 0
+    del rows
+
+
 def test_encoding_continues_where_it_stopped_and_never_overwrites(encoded, tmp_path, capsys):
     import shutil
     _, _, argv, z_dir = encoded
     shutil.copytree(z_dir, tmp_path / "z")
     whole = np.load(os.path.join(z_dir, "latents.npy"))
-    with open(tmp_path / "z" / "latents.json") as f:
-        meta = json.load(f)
-    encode_latents.write_json(dict(meta, done=5), str(tmp_path / "z" / "latents.json"))    # stopped after one batch
-    rows = np.lib.format.open_memmap(tmp_path / "z" / "latents.npy", mode="r+")
-    rows[5:] = 0
-    del rows
+    interrupt(tmp_path / "z", 5)                                                # stopped after one batch
     with pytest.raises(ValueError, match="unfinished \\(5 of 40"):
         load_latents(str(tmp_path / "z"))
     encode_latents.main([argv[0], str(tmp_path / "z")] + argv[2:])
@@ -994,12 +999,7 @@ def test_posterior_samples_are_seeded_per_batch_so_a_continued_run_gives_the_sam
     whole = np.load(os.path.join(encode_latents.main(argv), "latents.npy"))
     mean = np.load(os.path.join(z_dir, "latents.npy"))
     assert not np.array_equal(whole, mean) and np.abs(whole - mean).max() > 1e-3      # a sample, not the mean
-    with open(tmp_path / "z" / "latents.json") as f:
-        meta = json.load(f)
-    encode_latents.write_json(dict(meta, done=10), str(tmp_path / "z" / "latents.json"))  # stopped after two batches
-    rows = np.lib.format.open_memmap(tmp_path / "z" / "latents.npy", mode="r+")
-    rows[10:] = 0
-    del rows
+    interrupt(tmp_path / "z", 10)                                               # stopped after two batches
     encode_latents.main(argv)
     assert np.array_equal(np.load(tmp_path / "z" / "latents.npy"), whole)
 
