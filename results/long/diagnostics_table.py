@@ -1,7 +1,7 @@
 """
 diagnostics_table.py: the paper's three symptoms of the residual stream, per depth and arm, from the diagnostics of
-the deep, narrow run (results/long/w64_d24_s0/diagnostics_<step>/, made by diagnose.sh) beside those of the depth
-sweep (results/depth/diagnostics_d<depth>/, 500 steps at width 128). Writes results/long/diagnostics.md and .json.
+the long runs (results/long/<run>/diagnostics_<step>/, made by diagnose.sh) beside those of the depth sweep
+(results/depth/diagnostics_d<depth>/, 500 steps at width 128). Writes results/long/diagnostics.md and .json.
 
 At t = 1.0 and t = 0.5, per checkpoint: gradient RMS of the first block over the last (the paper: more than 10x in
 SiT-XL/2's 28 blocks), forward RMS of the last block over the first (the paper: about 100x), the mean cosine of
@@ -23,6 +23,8 @@ def rows_of(path, source):
     rows = []
     for arm, r in report.items():
         c = r["config"]
+        if c["routing"] == "dar":
+            arm = f"dar ({c['dar_query']}, chunk {c['dar_chunk']})"
         row = dict(source=source, arm=arm, depth=c["depth"], width=c["hidden_size"], step=r["step"])
         for t in TS:
             f = r["flow"][t]
@@ -39,9 +41,9 @@ def main():
     rows = []
     for path in sorted(glob.glob(os.path.join(HERE, "..", "depth", "diagnostics_d*", "diagnostics.json"))):
         rows += rows_of(path, "results/depth")
-    for path in glob.glob(os.path.join(HERE, "w64_d24_s0", "diagnostics_*", "diagnostics.json")):
-        rows += rows_of(path, "results/long/w64_d24_s0")
-    rows.sort(key=lambda r: (r["depth"], r["step"], r["arm"] != "residual"))
+    for path in glob.glob(os.path.join(HERE, "*", "diagnostics_*", "diagnostics.json")):
+        rows += rows_of(path, "results/long/" + os.path.basename(os.path.dirname(os.path.dirname(path))))
+    rows.sort(key=lambda r: (r["depth"], -r["width"], r["step"], r["arm"] != "residual", r["source"], r["arm"]))
     with open(os.path.join(HERE, "diagnostics.json"), "w") as f:
         json.dump(rows, f, indent=1)
     lines = ["Written by results/long/diagnostics_table.py. EMA weights, 256 test images, fixed noise; z_k: the block's",

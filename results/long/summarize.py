@@ -229,14 +229,14 @@ def main():
     except ImportError:
         print("matplotlib is not installed: ratio.png not written")
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for s in summary:
         pts = [(r["step"], r["step_ratio"]) for r in s["rows"] if r["step_ratio"] and r["exact"]]
         ax.plot(*zip(*pts), marker="o", label=s["label"])
     ax.axhline(1, color="gray", lw=0.8, ls="--")
     ax.set(xlabel="training length: residual step N", ylabel="DAR: x fewer steps to the residual's loss at N",
            title="Does DAR's lead last? (CIFAR-10 JPEG copy; width 128 unless named)")
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "ratio.png"), dpi=110)
 
