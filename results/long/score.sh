@@ -2,7 +2,7 @@
 # Sample quality (issue 28) of the long runs' kept checkpoints: tools/score.py with the offline classifier of the
 # CIFAR-10 JPEG copy (results/classifier/cifar10.pt): 2,000 class-conditional samples (Euler, 10 steps, guidance
 # 1.5), their Frechet distance to 2,000 of the 10,000 test images in the classifier's features, and the share it
-# recognises as their class. Two to five minutes per checkpoint on one thread. From the repository root:
+# recognises as their class. 4-8 minutes per checkpoint on one thread beside other work. From the repository root:
 #   bash results/long/score.sh DATA OUT CKPT...   DATA: the unpacked JPEG copy; OUT: the JSON to write
 #   FIRST=1 DRAWS=1 SAMPLES=1000 bash results/long/score.sh ...   the measure's own noise: draw FIRST (other noise),
 #                                                                 other sample counts
