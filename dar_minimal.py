@@ -305,8 +305,8 @@ class DiT(nn.Module):
                              f"{self.input_size}), got {tuple(x.shape)}")
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
             raise ValueError(f"expected t and y of shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
-        if not torch.compiler.is_compiling():            # a data-dependent check, so only in eager calls
-            check_labels(y, self.num_classes)
+        if not torch.compiler.is_compiling() and (y.device.type == "cpu" or not self.training):
+            check_labels(y, self.num_classes)      # data-dependent: a GPU would wait for it at every training step
         h0 = self.x_embedder(x) + self.pos_embed                   # v_0 = h_0: patches + positions
         t_emb = self.t_embedder(t)
         c = t_emb + self.y_embedder(y)                             # adaLN conditioning
@@ -362,8 +362,10 @@ def interpolate(x1, x0, t):
     return t * x1 + (1 - t) * x0
 
 
-def flow_matching_loss(model, x1, y, t=None, x0=None, generator=None, t_sampling="uniform", reduction="mean"):
-    """|| v(x_t, t, y) - (x1 - x0) ||^2 with x_t = t x1 + (1-t) x0; label dropout for CFG when model.training."""
+def flow_matching_loss(model, x1, y, t=None, x0=None, generator=None, t_sampling="uniform", reduction="mean",
+                       drop=None):
+    """|| v(x_t, t, y) - (x1 - x0) ||^2 with x_t = t x1 + (1-t) x0; label dropout for CFG when model.training
+    (drop: which labels become the null class, else drawn here)."""
     if t_sampling not in ("uniform", "logit_normal"):
         raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got {t_sampling!r}")
     B, dev = x1.shape[0], x1.device
@@ -373,7 +375,8 @@ def flow_matching_loss(model, x1, y, t=None, x0=None, generator=None, t_sampling
     if x0 is None:
         x0 = torch.randn(x1.shape, device=dev, generator=generator)                  # noise at t = 0
     if model.training and model.class_dropout_prob > 0:
-        drop = torch.rand(B, device=dev, generator=generator) < model.class_dropout_prob
+        if drop is None:
+            drop = torch.rand(B, device=dev, generator=generator) < model.class_dropout_prob
         y = torch.where(drop, torch.full_like(y, model.num_classes), y)             # null class for CFG
     loss = (fp32(model(interpolate(x1, x0, t), t, y)) - (x1 - x0)).pow(2).flatten(1).mean(1)   # per-sample MSE
     return loss.mean() if reduction == "mean" else loss

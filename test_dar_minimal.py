@@ -704,13 +704,14 @@ def test_torchrun_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_
     assert p.stdout.count("step 3: val loss") == 1                          # rank 0 alone evaluates and prints
 
 
-def signalled_run(tmp_path, sig, launcher=(), routing="residual,dar"):
-    """A real training process (MICRO, far more steps than it will take) sent sig once its first arm has logged a
-    step; returns its exit code, its stderr and the first arm's checkpoint."""
+def signalled_run(tmp_path, sig, launcher=(), routing="residual,dar", argv=None):
+    """A real training process (MICRO, far more steps than it will take, or argv) sent sig once its first arm has logged
+    a step; returns its exit code, its stderr and the first arm's checkpoint."""
     import subprocess
     import sys
     import time
-    argv = MICRO + ["--steps", "100000", "--eval-every", "100000", "--routing", routing, "--out", str(tmp_path / "run")]
+    argv = (argv or MICRO + ["--steps", "100000", "--eval-every", "100000"]) + ["--routing", routing, "--out",
+                                                                                 str(tmp_path / "run")]
     p = subprocess.Popen([sys.executable, *launcher, SCRIPT] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     log, deadline = tmp_path / "run" / routing.split(",")[0] / "log.jsonl", time.time() + 240
@@ -1024,7 +1025,7 @@ def test_training_on_a_latents_directory_equals_the_same_latents_file_and_decode
     assert data["class_names"] == ["cat", "dog"] and data["decode"].autoencoder == vae_dir
     assert data["decode"](torch.zeros(3, 4, 8, 8)).shape == (3, 3, 16, 16)      # latents -> images, 2x the size
     images = np.load(tools.sample.main([os.path.join(mapped, "dar", "ckpt.pt"), "--num-samples", "3",
-                                        "--sample-steps", "2", "--device", "cpu"]) + ".npz")["images"]
+                                        "--sample-steps", "2", "--device", "cpu"]) + ".npz")["arr_0"]
     assert images.shape == (3, 16, 16, 3)                             # decoded by the autoencoder the run names
 
 
@@ -1113,7 +1114,7 @@ def test_the_sample_script_writes_grid_and_npz(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(HERE, "tools", "sample.py"), ckpt, "--num-samples", "5",
                            "--sample-steps", "2", "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and "5 samples" in done.stdout, done.stderr
-    images = np.load(os.path.join(out, "dar", "ckpt_samples5.npz"))["images"]
+    images = np.load(os.path.join(out, "dar", "ckpt_samples5.npz"))["arr_0"]      # what ADM's evaluator reads
     assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
     assert os.path.exists(os.path.join(out, "dar", "ckpt_samples5.png"))
 
@@ -1189,6 +1190,7 @@ def test_resume_needs_a_checkpoint_at_or_before_the_last_step(tmp_path):
     (["--device", "tpu"], "--device must be auto, cpu, cuda"),
     (["--dataset", "shapes", "--vae", "none"], "--vae decodes latents: it needs --dataset latents"),
     (["--device", "cuda:99"], "no such CUDA GPU"),
+    (["--batch-size", "8", "--micro-batch", "3"], "--micro-batch must divide --batch-size"),
 ])
 def test_options_are_checked_before_any_data_is_loaded(tmp_path, monkeypatch, argv, message):
     monkeypatch.setattr(train_cifar, "load_data", lambda args: pytest.fail("data loaded before the options were checked"))
@@ -1407,3 +1409,296 @@ def test_classifier_backend_without_its_weights_is_one_line(tmp_path):
     (tmp_path / "bogus.pt").write_bytes(b"not a classifier")
     with pytest.raises(ValueError, match="not a classifier"):
         fid.load_classifier(str(tmp_path / "bogus.pt"))
+
+
+# ================================================================================================ the GPU command paths, proven on the CPU (issue 38)
+
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+def torchrun(argv, script=SCRIPT, timeout=300):
+    """A 2-process gloo torchrun of script with argv (one thread each); the finished process."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, *TORCHRUN, script] + argv, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_under_torchrun_rank_0_downloads_first_and_the_others_read_what_it_wrote(tmp_path):
+    """CIFAR-10's download: rank 0 alone fetches into --data-root, the others load it after a barrier."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(f"""
+import os, sys, time
+sys.path.insert(0, {HERE!r})
+import train_cifar
+from tools.data import SHAPE_NAMES, make_shapes
+
+def download(root):      # as torchvision would: rank 0 takes a while to write the archive, the others must find it
+    if os.environ["RANK"] == "0":
+        time.sleep(2)
+        open(os.path.join(root, "archive"), "w").close()
+    elif not os.path.exists(os.path.join(root, "archive")):
+        sys.exit("rank 1 loaded before rank 0 had written")
+    x, y = make_shapes(64, 16, 0)
+    return x, y, x[:16], y[:16], SHAPE_NAMES
+
+train_cifar.load_cifar10 = download
+train_cifar.main()
+""")
+    argv = MICRO[2:] + [
+        "--dataset", "cifar10", "--data-root", str(tmp_path), "--steps", "1", "--routing", "residual",
+        "--out", str(tmp_path / "run")]
+    p = torchrun(argv, script=str(wrapper))
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_the_log_is_rewritten_atomically_and_read_by_rank_0_alone(tmp_path, monkeypatch):
+    path = tmp_path / "log.jsonl"
+    log = train_cifar.Log(str(path))
+    for step in (1, 2, 3):
+        log.write(kind="train", step=step, loss=0.5)
+    before = path.read_text()
+    with open(path, "a") as f:
+        f.write('{"kind": "tra')                                         # rank 0 in the middle of a line
+    assert train_cifar.Log(str(path), keep_until=2, write=False).records == []     # another process: not read
+    path.write_text(before)
+    calls = []
+
+    def dies_in_the_middle(record):                              # a kill while the resumed log is written
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return json.dumps(record)
+    monkeypatch.setattr(train_cifar.json, "dumps", dies_in_the_middle)
+    with pytest.raises(KeyboardInterrupt):
+        train_cifar.Log(str(path), keep_until=2)
+    assert path.read_text() == before                                    # the whole log, as it was
+    monkeypatch.undo()
+    assert [r["step"] for r in train_cifar.Log(str(path), keep_until=2).records] == [1, 2]
+    assert [r["step"] for r in read_log(path)] == [1, 2]
+
+
+def test_fid_samples_cover_every_class_equally_in_any_number_of_processes_and_grids_name_their_classes(monkeypatch):
+    """1,000 classes, 2,000 samples in chunks of 500: every class drawn twice, whether 1 or 2 processes share them
+    (the chunks of a process: its own noise seeds and labels), and a grid shows 10 classes spread over all."""
+    model = DiT(input_size=4, patch_size=2, in_channels=3, hidden_size=8, depth=1, num_heads=2, num_classes=1000).eval()
+    net = fid.Classifier(num_classes=1000, width=2).eval()
+    drawn = {}
+
+    def generate(model, n, args, seed=0, labels=None):
+        drawn[(args.rank, seed)] = labels.clone()
+        return torch.zeros(n, 3, 4, 4)
+
+    def moments(net, batches, device):                        # draws every batch; the sums do not matter here
+        for _ in batches:
+            pass
+        return dict(n=torch.tensor(2.), sum=torch.zeros(8), outer=torch.eye(8), correct=torch.tensor(0.))
+    monkeypatch.setattr(train_cifar, "generate", generate)
+    monkeypatch.setattr(fid, "moments", moments)
+    args = train_cifar.parse_args(["--device", "cpu", "--fid-samples", "2000"])
+    for args.rank, args.world in ((0, 1), (0, 2), (1, 2)):
+        train_cifar.sample_quality(model, (net, torch.zeros(8), torch.eye(8)), args, decode=lambda x: x)
+    one = torch.cat([drawn[(0, s)] for s in (1, 501, 1001, 1501)])
+    assert torch.bincount(one, minlength=1000).tolist() == [2] * 1000
+    assert sorted(drawn) == [(0, 1), (0, 501), (0, 1001), (0, 1501), (1, 501), (1, 1501)]   # rank 1: chunks 1, 3
+    assert train_cifar.grid_classes(1000).tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert train_cifar.grid_classes(10).tolist() == list(range(10))
+
+
+def test_a_20000_sample_score_streams_its_samples_instead_of_holding_them(tmp_path):
+    """20,000 samples decoded to 3 x 64 x 64 would hold 983 MB as float32 (twice while concatenated); streamed in
+    chunks the process grows by a few tens of MB."""
+    import subprocess
+    import sys
+    script = tmp_path / "score20k.py"
+    script.write_text(f"""
+import json, resource, sys, torch
+sys.path.insert(0, {HERE!r})
+import train_cifar
+from dar_minimal import DiT
+from tools import fid
+torch.manual_seed(0)
+args = train_cifar.parse_args(["--device", "cpu", "--fid-samples", "20000", "--sample-steps", "1", "--cfg-scale", "1"])
+model = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, num_classes=10).eval()
+net = fid.Classifier(num_classes=10, width=2).eval()
+decode = lambda z: torch.nn.functional.interpolate(z[:, :3], size=64).tanh()     # 'decoded' to 3 x 64 x 64
+args.fid_samples = 500
+train_cifar.sample_quality(model, (net, torch.zeros(8, dtype=torch.float64), torch.eye(8, dtype=torch.float64)), args, decode)     # one chunk: warmed up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+args.fid_samples = 20000
+m = train_cifar.sample_quality(model, (net, torch.zeros(8, dtype=torch.float64), torch.eye(8, dtype=torch.float64)), args, decode)
+print(json.dumps(dict(grew_mb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, **m)))
+""")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["grew_mb"] < 100 and math.isfinite(result["fid"]), result
+
+
+def test_a_training_forward_on_a_device_never_waits_for_a_label_check():
+    """On a GPU the check of the labels' range would sync the host at every step; training checks them once when
+    the data is loaded (meta tensors stand in for a device: reading their values fails, as a sync would)."""
+    model = DiT(**TINY, num_classes=10).to("meta")
+    x, t, y = torch.zeros(2, 3, 8, 8, device="meta"), torch.zeros(2, device="meta"), torch.zeros(2, dtype=torch.long,
+                                                                                                 device="meta")
+    assert model.train()(x, t, y).shape == (2, 3, 8, 8)
+    with pytest.raises(Exception):
+        model.eval()(x, t, y)                                      # sampling and evaluation still check
+
+def test_labels_beyond_the_data_sets_classes_are_refused_when_loaded(tmp_path):
+    np.save(tmp_path / "latents.npy", np.zeros((20, 4, 8, 8), np.float16))
+    np.save(tmp_path / "labels.npy", np.array([0, 1] * 9 + [2, 0]))
+    (tmp_path / "latents.json").write_text(json.dumps(dict(classes=["cat", "dog"], count=20, done=20)))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\) for the 2 classes of the data set, found 2"):
+        train_cifar.load_data(train_cifar.parse_args(["--dataset", "latents", "--data-path", str(tmp_path),
+                                                      "--val-size", "4", "--device", "cpu"]))
+
+
+def test_a_resumed_run_frees_its_checkpoint_and_takes_the_optimiser_as_configured_here(tmp_path, monkeypatch):
+    """The loaded checkpoint is not kept while training (no second copy of the weights), and an unfused optimiser's
+    checkpoint resumes into a fused AdamW (as on CUDA) as the same run."""
+    import gc
+    import weakref
+    straight = run(tmp_path, "--routing", "dar", "--steps", "4", out="straight")
+    run(tmp_path, "--routing", "dar", "--steps", "2", out="resumed")
+    loaded, fused = [], []
+    load = train_cifar.load_checkpoint
+
+    def load_and_watch(*a, **k):
+        ckpt = load(*a, **k)
+        loaded.extend(weakref.ref(v) for w in ("model", "ema") for v in ckpt[w].values())
+        return ckpt
+
+    def check_then_train(*a, **k):
+        gc.collect()
+        assert loaded and all(r() is None for r in loaded), "the checkpoint's weights are still held"
+        return flow_matching_loss(*a, **k)
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(train_cifar, "load_checkpoint", load_and_watch)
+    monkeypatch.setattr(train_cifar, "flow_matching_loss", check_then_train)
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: fused.append(adamw(*a, **dict(k, fused=True))) or fused[-1])
+    out = run(tmp_path, "--routing", "dar", "--steps", "4", "--resume", out="resumed")
+    assert all(g["fused"] for g in fused[-1].param_groups)
+    logs = [[r["loss"] for r in read_log(os.path.join(o, "dar", "log.jsonl")) if r["kind"] == "train"]
+            for o in (straight, out)]
+    assert logs[1] == pytest.approx(logs[0], rel=1e-5)
+
+
+def test_micro_batches_train_as_the_whole_batch_and_out_of_memory_names_the_option(tmp_path, monkeypatch):
+    """--micro-batch 2 of 8: four passes, gradients added, one update; each pass takes its part of the step's draws
+    (t, noise, label drops) as processes do, so the run equals the one without, to the torchrun test's tolerance."""
+    drops = {}
+
+    def record(*a, drop=None, **k):
+        if drop is not None:                                     # (training steps, not validation)
+            drops.setdefault(k["x0"].shape[0], []).append(drop)
+        return flow_matching_loss(*a, drop=drop, **k)
+    monkeypatch.setattr(train_cifar, "flow_matching_loss", record)
+    argv = ["--routing", "dar", "--steps", "3", "--eval-every", "3", "--class-dropout", "0.5"]
+    whole, micro = run(tmp_path, *argv, out="whole"), run(tmp_path, *argv, "--micro-batch", "2", out="micro")
+    assert torch.equal(torch.cat(drops[8]), torch.cat(drops[2])) and torch.cat(drops[8]).any()
+    logs = [read_log(os.path.join(o, "dar", "log.jsonl")) for o in (whole, micro)]
+    losses = [[r.get("loss", r.get("val_loss")) for r in log if r["kind"] != "done"] for log in logs]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    a, b = (torch.load(os.path.join(o, "dar", "ckpt.pt"), weights_only=True) for o in (whole, micro))
+    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-5) for k in a["model"])
+
+    def out_of_memory(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(train_cifar, "flow_matching_loss", out_of_memory)
+    with pytest.raises(ValueError, match=r"out of memory in a training step of 4 samples per process \(--batch-size 8 "
+                                         r"over 1 process\(es\)\): give --micro-batch 2 or less"):
+        run(tmp_path, "--routing", "dar", "--micro-batch", "4", out="oom")
+
+
+def test_latents_are_mirrored_only_where_the_mirror_images_latents_are_stored(encoded, tmp_path):
+    """Latents are not mirror-equivariant: no mirroring by default; --mirror stores the mirror images' latents and
+    training takes them where the step's flips say."""
+    from PIL import Image
+    _, vae_dir, argv, plain_dir = encoded
+    mirror_dir = encode_latents.main([argv[0], str(tmp_path / "zm")] + argv[2:] + ["--mirror"])
+    zm = np.load(os.path.join(mirror_dir, "latents_mirrored.npy"))
+    assert np.array_equal(np.load(os.path.join(mirror_dir, "latents.npy")), np.load(os.path.join(plain_dir,
+                                                                                                  "latents.npy")))
+    vae = encode_latents.load_autoencoder(vae_dir, "cpu")
+    image = encode_latents.center_crop(Image.open(os.path.join(argv[0], "dog", "0.png")), 16)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        expected = vae.encode(x.flip(-1)).latent_dist.mean[0] * 0.18215       # the mirror image's latent
+    assert torch.allclose(torch.from_numpy(zm[20]).float(), expected, rtol=1e-3, atol=1e-4)
+    for z_dir, mirrored in ((plain_dir, False), (mirror_dir, True)):
+        args = train_cifar.parse_args(["--dataset", "latents", "--data-path", z_dir, "--patch-size", "2",
+                                       "--batch-size", "8", "--device", "cpu"])
+        data = train_cifar.load_data(args)
+        x1, _ = train_cifar.batches(data, args)(5)
+        rows = data["train_x"]
+        idx = train_cifar.epoch_order(len(rows), 0, 5 // (len(rows) // 8))[(5 % (len(rows) // 8)) * 8:][:8]
+        flip = train_cifar.step_flips(8, 5, args)[0]
+        assert flip.any() and not flip.all()
+        expected = torch.where(flip[:, None, None, None], torch.from_numpy(zm[rows.index[idx]]).float(), rows[idx]) \
+            if mirrored else rows[idx]                                   # never flipped as if they were images
+        assert torch.equal(x1, expected)
+
+
+def test_an_autoencoder_without_a_shift_factor_is_read_as_unshifted():
+    from diffusers.configuration_utils import FrozenDict
+    vae = type("VAE", (), {})()
+    vae.config = FrozenDict(scaling_factor=0.18215)                     # an older diffusers config: no shift_factor
+    assert encode_latents.scaling(vae) == (0.18215, 0.0)
+    vae.config = FrozenDict(scaling_factor=0.3611, shift_factor=0.1159)
+    assert encode_latents.scaling(vae) == (0.3611, 0.1159)
+
+
+def test_rows_are_read_a_step_ahead_in_a_background_thread():
+    import threading
+    from tools.data import Prefetch
+    where = {}
+
+    def read(step):
+        where[step] = threading.current_thread()
+        return step * 10
+    ahead = Prefetch(read)
+    assert [ahead(0), ahead(1), ahead(2), ahead(7)] == [0, 10, 20, 70]
+    ahead.close()
+    assert where[0] is threading.main_thread() and where[1] is not threading.main_thread()   # 1 read during step 0
+    assert where[7] is threading.main_thread()                                          # a jump: read at once
+
+
+def test_gpu_check_script_says_how_to_call_it():
+    import subprocess
+    p = subprocess.run(["bash", os.path.join(HERE, "results", "gpu", "run.sh")], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip() == ("usage: bash results/gpu/run.sh paths|bench|train (got ''); "
+                                                      "settings in the header of this script")
+
+
+def test_cpu_rehearsal_of_the_gpu_paths_torchrun_latents_mirror_micro_batch_fid_sigterm_resume(encoded, tmp_path):
+    """Under torchrun (2 gloo processes): latents of tools/encode_latents.py --mirror, --micro-batch, FID with the
+    classifier backend (each process its share of 600 samples) and grids decoded by the tiny autoencoder; stopped by
+    SIGTERM and resumed, it ends with the weights and log of an unstopped 1-process run."""
+    import signal
+    _, vae_dir, argv, _ = encoded
+    z_dir = encode_latents.main([argv[0], str(tmp_path / "zm")] + argv[2:] + ["--mirror"])
+    clf = fid.Classifier(num_classes=2, width=4)
+    torch.save(dict(config=clf.config, model=clf.state_dict()), tmp_path / "clf.pt")
+    common = MICRO[4:10] + MICRO[12:] + [                             # MICRO on latents, in 2 x 2 patches
+        "--dataset", "latents", "--data-path", z_dir, "--patch-size", "2", "--micro-batch", "2", "--eval-every", "2",
+        "--fid-every", "2", "--fid-backend", "classifier", "--fid-weights", str(tmp_path / "clf.pt"),
+        "--fid-samples", "600"]
+    rc, stderr, path, ckpt = signalled_run(tmp_path, signal.SIGTERM, launcher=TORCHRUN, routing="dar",
+                                           argv=common + ["--steps", "100000"])
+    assert rc != 0 and f"stopped at step {ckpt['step']}" in stderr, stderr[-3000:]
+    end = ckpt["step"] + 4 - ckpt["step"] % 2                            # an even step: evaluated in both runs
+    p = torchrun(common + ["--routing", "dar", "--steps", str(end), "--resume", "--out", str(tmp_path / "run")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    train_cifar.main(common + ["--routing", "dar", "--steps", str(end), "--out", str(tmp_path / "one")])
+    logs = [read_log(tmp_path / o / "dar" / "log.jsonl") for o in ("run", "one")]
+    numbers = [[(r["step"], r.get("loss"), r.get("val_loss"), r.get("fid"), r.get("sample_accuracy"))
+                for r in log if r["kind"] != "done"] for log in logs]
+    assert [n[:1] for n in numbers[0]] == [n[:1] for n in numbers[1]] and len(numbers[0]) >= end + 2
+    flat = [[v for row in n for v in row[1:] if v is not None] for n in numbers]
+    assert flat[0] == pytest.approx(flat[1], rel=1e-4)
+    assert sum("fid" in r for r in logs[0]) == end // 2
+    a, b = (torch.load(tmp_path / o / "dar" / "ckpt.pt", weights_only=True) for o in ("run", "one"))
+    assert all(torch.allclose(a[w][k], b[w][k], atol=1e-5) for w in ("model", "ema") for k in a["model"])
+    assert os.path.exists(tmp_path / "run" / "dar" / f"samples_{end:07d}.png")      # decoded by the autoencoder

@@ -14,7 +14,9 @@ both arms. Secondary jobs have their own scripts in tools/: samples of a checkpo
 diagnostics (diagnose.py), the comparison of a run's arms from their logs (compare.py).
 """
 import argparse
+import contextlib
 import copy
+import datetime
 import json
 import math
 import os
@@ -30,7 +32,8 @@ from tqdm import tqdm
 
 from dar_minimal import QUERIES, DiT, flow_matching_loss, sample
 from tools import fid
-from tools.data import SHAPE_NAMES, held_out, load_cifar10, load_image_folder, load_latents, make_shapes
+from tools.data import (SHAPE_NAMES, FileRows, Prefetch, held_out, load_cifar10, load_image_folder, load_latents,
+                        make_shapes, rank_0_first)
 from tools.encode_latents import decoder
 from tools.grid import save_grid
 from tools.compare import compare
@@ -63,6 +66,8 @@ def parse_args(argv=None):
     a("--preset", default="tiny", choices=list(PRESETS))
     for name in ("depth", "hidden-size", "num-heads", "patch-size", "batch-size", "steps"):
         a(f"--{name}", type=int, help="overrides the preset")
+    a("--micro-batch", type=int, help="samples per forward and backward pass in each process (default: its whole part "
+                                      "of the batch); smaller ones accumulate gradients: the same run in less memory")
     a("--lr", type=float, help="overrides the preset")
     a("--ema-decay", type=float, help="overrides the preset")
     a("--routing", default="residual,dar", help="residual, dar, or residual,dar to compare both")
@@ -128,6 +133,8 @@ def check_args(args):
         need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     for name in ("warmup", "fid_every", "keep_every"):
         need(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    need(args.micro_batch is None or (args.micro_batch >= 1 and args.batch_size % args.micro_batch == 0),
+         f"--micro-batch must divide --batch-size ({args.batch_size}), got {args.micro_batch}")
     need(args.keep_every % args.ckpt_every == 0,
          f"--keep-every ({args.keep_every}) must be a multiple of --ckpt-every ({args.ckpt_every})")
     need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a finite positive number, got {args.lr}")
@@ -167,8 +174,8 @@ def load_data(args):
     """dict(train_x, train_y, val_x, val_y, num_classes, class_names, images, decode): images are uint8, latents float
     (a latents directory: rows read per batch); decode: samples -> images in [-1, 1], or None."""
     decode = lambda x: x                                               # noqa: E731 (samples of images are images)
-    if args.dataset == "cifar10":
-        x, y, vx, vy, classes = load_cifar10(args.data_root)
+    if args.dataset == "cifar10":                        # under torchrun rank 0 downloads, the others then read
+        x, y, vx, vy, classes = rank_0_first(load_cifar10, args.data_root)
     elif args.dataset == "folder":
         x, y, classes = load_image_folder(args.data_dir, args.image_size)
         if args.val_dir:
@@ -182,13 +189,15 @@ def load_data(args):
         x, y, meta = load_latents(args.data_path)
         x, y, vx, vy = held_out(x, y, min(args.val_size, len(x) // 10), args.seed)
         classes = meta.get("classes") or [str(c) for c in range(int(y.max()) + 1)]
-        decode = decoder(args.vae or meta.get("autoencoder"), args.device, required=args.vae is not None) \
-            if args.rank == 0 else None                               # only rank 0 draws grids and measures FID
+        decode = rank_0_first(decoder, args.vae or meta.get("autoencoder"), args.device, args.vae is not None)
     else:
         x, y, classes = *make_shapes(10000, args.image_size, args.seed), SHAPE_NAMES
         vx, vy = make_shapes(1000, args.image_size, args.seed + 1)
     if len(x) == 0 or len(vx) == 0:
         raise ValueError(f"the {args.dataset} data set is empty")
+    if max(int(y.max()), int(vy.max())) >= len(classes):      # checked once here, not at every training step
+        raise ValueError(f"labels must be in [0, {len(classes)}) for the {len(classes)} classes of the data set, "
+                         f"found {max(int(y.max()), int(vy.max()))}")
     keep = torch.randperm(len(vx), generator=torch.Generator().manual_seed(0))[:args.val_size]   # (folders: by class)
     data = dict(train_x=x, train_y=y, val_x=vx[keep], val_y=vy[keep], num_classes=len(classes), class_names=classes,
                 images=x.dtype == torch.uint8, heldout_x=vx, heldout_y=vy, decode=decode)   # (all held-out data: FID)
@@ -360,16 +369,18 @@ def model_config(args, data, routing):
 
 
 class Log:
-    """Append-only JSONL log of one arm; on resume (keep_until: the checkpoint's step) later records are dropped."""
+    """Append-only JSONL log of one arm; on resume (keep_until: the checkpoint's step) later records are dropped, the
+    log rewritten atomically. write=False (a process other than rank 0): neither read nor written."""
 
     def __init__(self, path, keep_until=None, write=True):
-        self.path, self.enabled, self.records = path, write, []          # write=False: a process other than rank 0
-        if keep_until is not None and os.path.exists(path):
+        self.path, self.enabled, self.records = path, write, []
+        if write and keep_until is not None and os.path.exists(path):
             with open(path) as f:
                 self.records = [r for r in map(json.loads, f) if r["step"] <= keep_until]
         if write:
-            with open(path, "w") as f:
+            with open(path + ".tmp", "w") as f:                    # a kill here leaves the old log whole
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
+            os.replace(path + ".tmp", path)
 
     def write(self, **record):
         """Append one record (a dict with at least kind and step)."""
@@ -384,19 +395,41 @@ class Log:
 # ----------------------------------------------------------------------------------------------------
 
 def evaluate(ema, data, args, step, log, arm_dir, fid_ref, train_seconds):
-    """Validation loss (and samples, FID when due) of the EMA weights; one log record, with the training time so far."""
+    """Validation loss (and samples, FID when due) of the EMA weights; one log record (rank 0), with the training time
+    so far. Under torchrun every process draws its share of the FID samples, rank 0 alone does the rest."""
+    quality = sample_quality(ema, fid_ref, args, data["decode"]) if fid_ref is not None and args.fid_every and \
+        (step % args.fid_every == 0 or step == args.steps) else {}
+    if args.rank:
+        return quality
     val, per_t = validation_loss(ema, data, args)
-    record = dict(kind="eval", step=step, val_loss=val, val_loss_per_t=per_t, train_seconds=train_seconds)
+    record = dict(kind="eval", step=step, val_loss=val, val_loss_per_t=per_t, train_seconds=train_seconds, **quality)
     if data["decode"] and (step % args.sample_every == 0 or step == args.steps):
-        names = data["class_names"][:10]
-        save_grid(data["decode"](generate(ema, 4 * len(names), args)), os.path.join(arm_dir, f"samples_{step:07d}.png"),
-                  names)
-    if fid_ref is not None and args.fid_every and (step % args.fid_every == 0 or step == args.steps):
-        n = [min(500, args.fid_samples - i) for i in range(0, args.fid_samples, 500)]    # labels 0, 1, 2, .. each
-        fake = data["decode"](torch.cat([generate(ema, k, args, seed=1 + 500 * j) for j, k in enumerate(n)]))
-        record.update(fid.measures(*fid_ref, fake, torch.cat([torch.arange(k) % ema.num_classes for k in n]), args.device))
+        shown = grid_classes(data["num_classes"])
+        y = shown.repeat(4).to(args.device)                            # 4 rows, one column per class shown
+        save_grid(data["decode"](generate(ema, len(y), args, labels=y)), os.path.join(arm_dir, f"samples_{step:07d}.png"),
+                  [data["class_names"][c] for c in shown])
     log.write(**record)
     return record
+
+
+def grid_classes(num_classes, columns=10):
+    """The classes a sample grid shows: all of them up to 10, else 10 spread evenly over the labels."""
+    return torch.arange(num_classes) if num_classes <= columns else \
+        torch.linspace(0, num_classes - 1, columns).round().long()
+
+
+def sample_quality(model, fid_ref, args, decode, draw=0):
+    """tools/fid.py's measures of args.fid_samples class-conditional samples of model, every class equally often, the
+    noise fixed per chunk of 500 (and draw): each process draws, decodes and measures its share of the chunks, so N
+    processes give what one gives."""
+    labels = fid.sample_labels(args.fid_samples, model.num_classes)
+
+    def samples():
+        """This process's chunks of samples, decoded to images, with their labels."""
+        for j, part in fid.chunks(args.fid_samples, args.rank, args.world):
+            y = labels[part].to(args.device)
+            yield decode(generate(model, len(y), args, seed=1 + fid.CHUNK * j + 1_000_000 * draw, labels=y)), y
+    return fid.measure(*fid_ref, samples(), args.device)
 
 
 class DistributedDiT(torch.nn.parallel.DistributedDataParallel):
@@ -469,13 +502,57 @@ def learning_rate(step, args):
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def step_draws(B, shape, g, args):
-    """The random draws of one training step for the whole batch, in a fixed order: flips, t, noise (the label-drop
-    draws follow inside flow_matching_loss). Each process takes its part, so N x B/N sees what 1 x B sees."""
-    flip = torch.rand(B, device=args.device, generator=g) < 0.5
+def step_flips(B, step, args):
+    """The step's horizontal flips of the whole batch, drawn on the host (they choose which rows to read), and the
+    generator after them."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    return torch.rand(B, generator=g) < 0.5, g
+
+
+def step_draws(B, shape, step, args):
+    """The other random draws of one training step for the whole batch, in a fixed order: t, noise, label drops (on the
+    CPU from the flips' generator, after them). Each process and each micro-batch takes its part of every draw, so
+    N x B/N sees what 1 x B sees, on any device."""
+    g = step_flips(B, step, args)[1] if args.device == "cpu" else \
+        torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + step)
     t = torch.rand(B, device=args.device, generator=g) if args.t_sampling == "uniform" else \
         torch.sigmoid(torch.randn(B, device=args.device, generator=g))              # as flow_matching_loss draws t
-    return flip, t, torch.randn((B, *shape), device=args.device, generator=g)
+    x0 = torch.randn((B, *shape), device=args.device, generator=g)
+    return t, x0, torch.rand(B, device=args.device, generator=g) < args.class_dropout
+
+
+def batches(data, args):
+    """A function step -> (x1, y): this process's part of the step's batch on the device, in model space, mirrored
+    where the step's flips say: images flipped; latents replaced by their mirror images' latents where the directory
+    stores them (tools/encode_latents.py --mirror), else never mirrored (latents are not mirror-equivariant). Rows
+    read from a file come from a background thread, read while the step before trains (pinned memory on CUDA)."""
+    x, n, B = data["train_x"], len(data["train_x"]), args.batch_size
+    mine = slice(args.rank * (B // args.world), (args.rank + 1) * (B // args.world))
+    orders = {}
+
+    def read(step):
+        """(rows, labels, flips) of the step, this process's part."""
+        epoch, i = divmod(step, max(1, n // B))
+        if epoch not in orders:                                    # one epoch's order at a time
+            orders.clear()
+            orders[epoch] = epoch_order(n, args.seed, epoch)
+        idx, flip = orders[epoch][i * B:(i + 1) * B][mine], step_flips(B, step, args)[0][mine]
+        if not isinstance(x, FileRows):
+            return x[idx.to(x.device)], data["train_y"][idx.to(x.device)], flip
+        rows = x.read(idx, flip if x.mirrored else None)
+        y = data["train_y"][idx.to(data["train_y"].device)]
+        return (rows.pin_memory() if args.device.startswith("cuda") else rows), y, flip
+    read = Prefetch(read) if isinstance(x, FileRows) else read
+
+    def batch(step):
+        """This process's part of the step's batch: (x1, y) on the device."""
+        rows, y, flip = read(step)
+        x1 = to_model_space(rows, args.device)
+        if data["images"]:                                          # random horizontal flip
+            x1 = torch.where(flip.to(args.device)[:, None, None, None], x1.flip(-1), x1)
+        return x1, y.to(args.device)
+    batch.close = getattr(read, "close", lambda: None)
+    return batch
 
 
 def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
@@ -486,7 +563,8 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
     torch.manual_seed(args.seed)                                   # same init for both arms: the router comes last
     model = DiT(**config).to(args.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
+                            fused=args.device.startswith("cuda") or None)       # fused: one kernel on CUDA
     ckpt_path, start, spent = os.path.join(arm_dir, "ckpt.pt"), 0, dict(train=0.0, eval=0.0)
     stream, pending = stream_options(args, len(data["train_x"])), []
     resume = args.resume and os.path.exists(ckpt_path)              # prepare_out has checked that it may
@@ -499,12 +577,15 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
                              f"(checkpoint vs now: {diff})")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
+        for group in ckpt["opt"]["param_groups"]:                  # fused or not as here, whatever the checkpoint's
+            group.update(fused=opt.defaults["fused"], foreach=opt.defaults["foreach"])
         opt.load_state_dict(ckpt["opt"])
         start, spent = ckpt["step"], ckpt.get("seconds", dict(train=0.0, eval=0.0))   # training and evaluation so far
         pending = list(ckpt.get("pending", torch.zeros(0)).to(args.device))   # losses not yet in a log line
+        del ckpt                                                   # not a second copy of everything while training
         if start == args.steps:
             print(f"[{routing}] {ckpt_path} is already at step {start}: nothing to train")
-            return Log(os.path.join(arm_dir, "log.jsonl"), keep_until=start, write=False).records
+            return Log(os.path.join(arm_dir, "log.jsonl"), keep_until=start, write=args.rank == 0).records
         print(f"[{routing}] resumed from {ckpt_path} at step {start}")
     main_process = args.rank == 0                                  # logs, evaluations and checkpoints
     log = Log(os.path.join(arm_dir, "log.jsonl"), keep_until=start if resume else None, write=main_process)
@@ -514,10 +595,10 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
                       f, indent=1)
     net = DistributedDiT(model) if args.world > 1 else model       # gradients averaged over the processes
     step_fn = torch.compile(net) if args.compile else net
-    n, B = len(data["train_x"]), args.batch_size
-    mine = slice(args.rank * (B // args.world), (args.rank + 1) * (B // args.world))   # this process's part of a batch
-    steps_per_epoch = max(1, n // B)
-    order, eval_time, t_start, last = None, 0.0, time.time(), (start, time.time())
+    B, part = args.batch_size, args.batch_size // args.world       # the batch, and this process's part of it
+    mine, micro = slice(args.rank * part, (args.rank + 1) * part), args.micro_batch or part
+    batch = batches(data, args)
+    eval_time, t_start, last = 0.0, time.time(), (start, time.time())
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=routing, dynamic_ncols=True,
                disable=None if main_process else True)
 
@@ -541,26 +622,27 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
         return losses.mean().item()
 
     for step in range(start, args.steps):
-        epoch, i = divmod(step, steps_per_epoch)
-        if order is None or order[0] != epoch:
-            order = (epoch, epoch_order(n, args.seed, epoch).to(data["train_x"].device))
-        idx = order[1][i * B:(i + 1) * B]
-        g = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + step)   # flips, t, noise, label drop
-        flip, t, x0 = step_draws(len(idx), data["train_x"].shape[1:], g, args)       # for the whole batch
-        idx, flip, t, x0 = idx[mine], flip[mine], t[mine], x0[mine]
-        x1 = to_model_space(data["train_x"][idx], args.device)
-        x1 = torch.where(flip[:, None, None, None], x1.flip(-1), x1)                  # random horizontal flip
-        y = data["train_y"][idx].to(args.device)
-        if args.rank:                             # skip the label-drop draws of the processes before this one
-            torch.rand(args.rank * len(idx), device=args.device, generator=g)
+        x1, y = batch(step)                                                           # this process's part
+        t, x0, drop = (d[mine] for d in step_draws(B, x1.shape[1:], step, args))      # drawn for the whole batch
         lr = learning_rate(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        with autocast(args):
-            loss = flow_matching_loss(step_fn, x1, y, t=t, x0=x0, generator=g)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses = []
+        try:
+            for k in range(0, part, micro):            # micro-batches: their gradients add up to the whole part's
+                mb, last_mb = slice(k, k + micro), k + micro == part
+                with contextlib.nullcontext() if last_mb or args.world == 1 else net.no_sync():   # DDP: sync once
+                    with autocast(args):
+                        loss = flow_matching_loss(step_fn, x1[mb], y[mb], t=t[mb], x0=x0[mb], drop=drop[mb])
+                    (loss * (micro / part)).backward()
+                losses.append(loss.detach())
+        except torch.cuda.OutOfMemoryError:
+            raise ValueError(f"CUDA out of memory in a training step of {micro} samples per process (--batch-size {B}"
+                             f" over {args.world} process(es)): give --micro-batch {max(1, micro // 2)} or less (it "
+                             "accumulates gradients: the same run in less memory)") from None
+        loss = torch.stack(losses).mean()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         decay = min(args.ema_decay, (1 + step) / (10 + step))                          # EMA with a short warm-up
@@ -581,11 +663,12 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
         save_now = done % args.ckpt_every == 0 or done == args.steps or signum
         if evaluate_now or save_now:
             check(done)                                            # never evaluate or save a non-finite model
-        if main_process and evaluate_now:
+        if evaluate_now:                                           # every process: its share of the FID samples
             t_eval = time.time()
             record = evaluate(ema, data, args, done, log, arm_dir, fid_ref,
                               train_seconds=spent["train"] + time.time() - t_start - eval_time)
             eval_time += time.time() - t_eval
+        if main_process and evaluate_now:
             tqdm.write(f"[{routing}] step {done}: val loss {record['val_loss']:.4f}"
                        + (f", FID {record['fid']:.2f}" if "fid" in record else "")
                        + (f", sample accuracy {record['sample_accuracy']:.3f}" if "sample_accuracy" in record else ""))
@@ -597,15 +680,18 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
                                  config=config, seed=args.seed, stream=stream, pending=unlogged,
                                  seconds=dict(train=spent["train"] + time.time() - t_start - eval_time,
                                               eval=spent["eval"] + eval_time),
-                                 data_position=dict(epoch=epoch, index_in_epoch=i + 1)), ckpt_path)
+                                 data_position=dict(zip(("epoch", "index_in_epoch"),
+                                                        divmod(done, max(1, len(data["train_x"]) // B))))), ckpt_path)
             if args.keep_every and done % args.keep_every == 0:
                 shutil.copy(ckpt_path, os.path.join(arm_dir, f"ckpt_{done:07d}.pt"))
         bar.update(1)
         if signum:
             bar.close()
+            batch.close()
             raise Stopped(f"stopped at step {done}; checkpoint written to {ckpt_path}; continue with the same "
                           f"command and {resume_hint(args)}", signum)
     bar.close()
+    batch.close()
     log.write(kind="done", step=args.steps, train_seconds=spent["train"] + time.time() - t_start - eval_time,
               eval_seconds=spent["eval"] + eval_time, device=machine(), resumed_from=start)    # totals, all segments
     return log.records
@@ -630,19 +716,35 @@ def start_processes(args):
     if args.batch_size % args.world:
         raise ValueError(f"--batch-size (the global batch) must be divisible by the {args.world} processes, "
                          f"got {args.batch_size}")
-    if args.device.startswith("cuda"):
+    if args.micro_batch and (args.batch_size // args.world) % args.micro_batch:
+        raise ValueError(f"--micro-batch ({args.micro_batch}) must divide each process's part of the batch "
+                         f"({args.batch_size} / {args.world} = {args.batch_size // args.world})")
+    cuda = args.device.startswith("cuda")
+    if cuda:
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         torch.cuda.set_device(args.device)
-    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    # The longest wait in a collective: the other processes wait for rank 0 while it downloads CIFAR-10, validates,
+    # draws a sample grid or writes a checkpoint (FID samples are shared out, not waited for); an hour covers them.
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1),
+                                         device_id=torch.device(args.device) if cuda else None)
     if args.rank:
         sys.stdout = open(os.devnull, "w")
 
 
 def main(argv=None):
-    """Parses options, trains each arm and compares them."""
+    """Parses options, trains each arm and compares them; under torchrun every exit leaves the process group."""
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    start_processes(args)
+    try:
+        start_processes(args)
+        return train(args)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train(args):
+    """Trains each arm of args (this process's part) and compares them."""
     if args.rank == 0:
         prepare_out(args)
     if args.world > 1:
@@ -650,7 +752,7 @@ def main(argv=None):
     data = load_data(args)
     print(f"{args.dataset}: {len(data['train_x'])} train, {len(data['val_x'])} val, "
           f"{tuple(data['train_x'].shape[1:])}, {data['num_classes']} classes; device {args.device}")
-    fid_ref = fid.setup(data, args) if args.fid_every and data["decode"] and args.rank == 0 else None
+    fid_ref = fid.setup(data, args) if args.fid_every and data["decode"] else None     # every process
     arms = {}
     with StopSignals(quiet=args.rank > 0) as stop:     # Ctrl-C or SIGTERM: finish the step, checkpoint, exit
         for routing in args.arms:
@@ -661,8 +763,6 @@ def main(argv=None):
             t0 = time.time()
             arms[routing] = train_arm(args, data, routing, os.path.join(args.out, routing), fid_ref, stop)
             print(f"[{routing}] done in {time.time() - t0:.0f} s")
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
     if len(arms) == 2 and args.rank == 0:
         return compare(arms, args.out, VAL_T)
     return arms

@@ -25,7 +25,7 @@ def steps_to_reach(evals, target, key="step"):
 
 
 LONG_RUNS = ("A lead early in training need not last: in the long runs on CIFAR-10 (README, 'Does the lead last?') "
-             "DAR's lead was gone by about 4,000 steps at 8 blocks (level after, two seeds) and by about 2,200 at 12 "
+             "DAR's lead was gone by about 4,000 steps at 8 blocks (level after, two seeds) and by about 2,300 at 12 "
              "(behind after, one seed); in a deep, narrow model (24 blocks of width 64) it lasted to 8,000 steps, "
              "shrinking: 1.67x and 1.91x at 4,000 steps, 1.41x and 1.27x at 8,000 (two seeds).")
 

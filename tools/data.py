@@ -6,22 +6,39 @@ shapes of the quick start (--dataset shapes).
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 
+def rank_0_first(fn, *args):
+    """fn(*args) in rank 0 first and then, after a barrier, in the other processes (under torchrun): what rank 0
+    downloads or writes into a shared path, they read, instead of all of them writing it at once."""
+    dist = torch.distributed
+    many = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if many and dist.get_rank() > 0:
+        dist.barrier()
+    out = fn(*args)
+    if many and dist.get_rank() == 0:
+        dist.barrier()
+    return out
+
+
 class FileRows:
     """Rows `index` of an (N, C, H, W) .npy file, read from the file when asked for: rows[i] (i: a tensor of
-    positions) reads those rows (one positional read each, through the page cache) into a float tensor. Not a memory
-    map: a mapping counts every page the kernel maps around a touched row as the process's own resident memory, which
-    grew to the whole file's size in 300 steps (results/latents/mapped/)."""
+    positions) reads those rows (one positional read each, in file order, through the page cache) into a float
+    tensor; mirrored: a file of the mirror images' latents in the same rows (tools/encode_latents.py --mirror), which
+    read(i, flip) reads where flip is True. Not a memory map: a mapping counts every page the kernel maps around a
+    touched row as the process's own resident memory, which grew to the whole file's size in 300 steps
+    (results/latents/mapped/)."""
 
-    def __init__(self, path, index):
+    def __init__(self, path, index, mirrored=None):
         header = np.load(path, mmap_mode="r")                         # shape, dtype and where the rows begin
         self.path, self.index, self.file_dtype, self.offset = path, index, header.dtype, header.offset
         self.row_bytes = header.dtype.itemsize * int(np.prod(header.shape[1:]))
         self.shape, self.dtype, self.device = (len(index), *header.shape[1:]), torch.float32, torch.device("cpu")
+        self.mirrored = mirrored
 
     def __len__(self):
         """The number of rows."""
@@ -29,17 +46,42 @@ class FileRows:
 
     def __getitem__(self, i):
         """The rows at positions i (a tensor of positions), read now, as float32."""
-        rows = []
-        with open(self.path, "rb") as f:
-            for r in self.index[i].tolist():
-                f.seek(self.offset + r * self.row_bytes)
-                rows.append(f.read(self.row_bytes))
-        x = np.frombuffer(b"".join(rows), self.file_dtype).reshape(len(rows), *self.shape[1:])
+        return self.read(i)
+
+    def read(self, i, flip=None):
+        """The rows at positions i, read now as float32; where flip (booleans like i) is True, the mirror image's row."""
+        rows, chunks = self.index[i], [b""] * len(i)
+        flip = torch.zeros(len(rows), dtype=torch.bool) if flip is None else flip.cpu()
+        for path, which in ((self.path, ~flip), (self.mirrored, flip)):
+            k = which.nonzero().flatten()
+            if len(k):
+                with open(path, "rb") as f:
+                    for j in k[rows[k].argsort()].tolist():              # in file order: shorter seeks
+                        f.seek(self.offset + int(rows[j]) * self.row_bytes)
+                        chunks[j] = f.read(self.row_bytes)
+        x = np.frombuffer(b"".join(chunks), self.file_dtype).reshape(len(rows), *self.shape[1:])
         return torch.from_numpy(x.astype(np.float32))
 
     def rows(self, i):
         """A subset of these rows, still unread."""
-        return FileRows(self.path, self.index[i])
+        return FileRows(self.path, self.index[i], self.mirrored)
+
+
+class Prefetch:
+    """read(step) for step after step, each read in a background thread while the step before it trains."""
+
+    def __init__(self, read):
+        self.read, self.pool, self.ahead = read, ThreadPoolExecutor(1), None
+
+    def __call__(self, step):
+        """What read(step) returns (read ahead, when the last call was for step - 1); starts reading step + 1."""
+        rows = self.ahead[1].result() if self.ahead and self.ahead[0] == step else self.read(step)
+        self.ahead = (step + 1, self.pool.submit(self.read, step + 1))
+        return rows
+
+    def close(self):
+        """Ends the thread (after the read in progress)."""
+        self.pool.shutdown(cancel_futures=True)
 
 
 def held_out(x, y, n_val, seed):
@@ -137,7 +179,11 @@ def load_latent_dir(path, expected):
         raise ValueError(f"{expected}; {path!r} has latents {x.shape} {x.dtype} and labels {tuple(y.shape)} {y.dtype}")
     if (y < 0).any():
         raise ValueError(f"{path!r}: labels must be >= 0, found {int(y.min())}")
-    return FileRows(os.path.join(path, "latents.npy"), torch.arange(len(x))), y.long(), meta
+    mirrored = os.path.join(path, "latents_mirrored.npy") if meta.get("mirror") else None
+    if mirrored and (not os.path.isfile(mirrored) or np.load(mirrored, mmap_mode="r").shape != x.shape):
+        raise ValueError(f"{path!r} records mirrored latents, but latents_mirrored.npy is missing or not of the shape "
+                         f"{x.shape}")
+    return FileRows(os.path.join(path, "latents.npy"), torch.arange(len(x)), mirrored), y.long(), meta
 
 
 SHAPE_NAMES = ["disc", "ring", "square", "frame", "plus", "x", "triangle", "bar", "two dots", "crescent"]

@@ -4,8 +4,11 @@ Diffusion VAE latents): every image of an ImageFolder tree is resized and centre
 as DiT does), encoded by a pretrained diffusers AutoencoderKL, and its posterior's mean (or a sample) scaled by the
 autoencoder's scaling factor (0.18215 for SD-VAE; after its shift factor, where it has one). Writes, into OUT:
   latents.npy  (N, C, H, W) float16, read row by row by train_cifar.py (32 x 32 x 4 per image at 256: 8 KB)
+  latents_mirrored.npy  with --mirror: the latents of the mirrored images, row for row; training then takes one of
+               the two at random (a mirror drawn per sample); without it latents are never mirrored, as in SD-VAE
+               latent space a mirrored latent is not the latent of the mirrored image
   labels.npy   (N,) int64, the class folders' indices (sorted names, as ImageFolder)
-  latents.json what made them: autoencoder, size, scale, shift, posterior, flips, classes, rows done so far
+  latents.json what made them: autoencoder, size, scale, shift, posterior, mirror, classes, rows done so far
 An interrupted run continues where it stopped (the same command); a finished one, or one with other settings, is
 never overwritten. Needs the optional package diffusers (pip install diffusers) and the autoencoder's weights (from
 the Hugging Face hub on first use, or a local directory). Also used by train_cifar.py and tools/sample.py to decode
@@ -64,8 +67,9 @@ def load_autoencoder(name, device):
 
 
 def scaling(vae):
-    """(scale, shift) of an autoencoder: latents for the model are (z - shift) * scale."""
-    return vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    """(scale, shift) of an autoencoder: latents for the model are (z - shift) * scale (no shift where its config has
+    none, as in older diffusers releases and SD-VAE)."""
+    return vae.config["scaling_factor"], vae.config.get("shift_factor") or 0.0
 
 
 def decoder(name, device, required=True, batch=16):
@@ -120,6 +124,8 @@ def main(argv=None):
     a("--posterior", default="mean", choices=["mean", "sample"], help="the posterior's mean, or a sample (seeded)")
     a("--batch-size", type=int, default=32)
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-reading processes")
+    a("--mirror", action="store_true", help="also store the latents of the mirrored images (twice the disk), for "
+                                          "random mirroring in training")
     a("--seed", type=int, default=0,
       help="--posterior sample: the noise of batch k is seeded by seed + k (a continued run keeps --batch-size)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -140,8 +146,8 @@ def main(argv=None):
     name = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae    # a local one: from anywhere
     meta = dict(autoencoder=name, image_size=args.image_size, scale=scale, shift=shift, posterior=args.posterior,
                 seed=args.seed, batch_size=args.batch_size, classes=ds.classes, images=os.path.abspath(args.images),
-                count=len(ds), flips="none stored: train_cifar.py mirrors latents at random, as it mirrors images")
-    paths = {k: os.path.join(args.out, k) for k in ("latents.npy", "labels.npy", "latents.json")}
+                count=len(ds), mirror=args.mirror)
+    paths = {k: os.path.join(args.out, k) for k in ("latents.npy", "latents_mirrored.npy", "labels.npy", "latents.json")}
     done = 0
     if os.path.exists(paths["latents.json"]):
         with open(paths["latents.json"]) as f:
@@ -159,21 +165,24 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     rest = torch.utils.data.Subset(ds, range(done, len(ds)))
     loader = torch.utils.data.DataLoader(rest, batch_size=args.batch_size, num_workers=args.workers)
+    files = ["latents.npy", "latents_mirrored.npy"] if args.mirror else ["latents.npy"]
     offset = np.load(paths["latents.npy"], mmap_mode="r").offset if done else None    # where the rows begin
     for k, (x, _) in enumerate(tqdm(loader, desc="encoding", initial=done // args.batch_size,
                                     total=-(-len(ds) // args.batch_size)), start=done // args.batch_size):
-        with torch.no_grad():
-            posterior = vae.encode(x.to(args.device).float() / 127.5 - 1).latent_dist
-            g = torch.Generator(args.device).manual_seed(args.seed + k)
-            z = posterior.mean if args.posterior == "mean" else posterior.sample(generator=g)
-            z = ((z - shift) * scale).cpu().numpy().astype(np.float16)
-        if offset is None:                  # the first batch tells the latents' shape: the file, at its full size
-            np.save(paths["labels.npy"], np.array(ds.targets, dtype=np.int64))
-            offset = np.lib.format.open_memmap(paths["latents.npy"], mode="w+", dtype=np.float16,
-                                               shape=(len(ds), *z.shape[1:])).offset
-        with open(paths["latents.npy"], "r+b") as f:            # written, not mapped: the process stays small
-            f.seek(offset + done * z[0].nbytes)
-            f.write(z.tobytes())
+        x = x.to(args.device).float() / 127.5 - 1
+        for file, images in zip(files, (x, x.flip(-1))):       # the images, then (--mirror) their mirror images
+            with torch.no_grad():
+                posterior = vae.encode(images).latent_dist
+                g = torch.Generator(args.device).manual_seed(args.seed + k)
+                z = posterior.mean if args.posterior == "mean" else posterior.sample(generator=g)
+                z = ((z - shift) * scale).cpu().numpy().astype(np.float16)
+            if not done:                       # the first batch tells the latents' shape: each file at full size
+                np.save(paths["labels.npy"], np.array(ds.targets, dtype=np.int64))
+                offset = np.lib.format.open_memmap(paths[file], mode="w+", dtype=np.float16,
+                                                   shape=(len(ds), *z.shape[1:])).offset
+            with open(paths[file], "r+b") as f:                # written, not mapped: the process stays small
+                f.seek(offset + done * z[0].nbytes)
+                f.write(z.tobytes())
         done += len(z)                                         # the rows first, then the record that they are there
         write_json(dict(meta, done=done), paths["latents.json"])
     print(f"wrote {len(ds)} latents {tuple(z.shape[1:])} to {args.out}")

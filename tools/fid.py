@@ -14,6 +14,8 @@ import os
 import torch
 import torch.nn as nn
 
+from tools.data import rank_0_first
+
 
 class Classifier(nn.Module):
     """A small CNN for images in [-1, 1]: three stages of two 3x3 convolutions (BatchNorm, ReLU), pooled features, a
@@ -89,6 +91,52 @@ def feature_stats(f):
     return f.mean(0), torch.cov(f.T)
 
 
+CHUNK = 500       # samples and reference images go through in chunks: drawn (seeded per chunk), decoded, measured
+
+
+def chunks(n, rank=0, world=1):
+    """(j, slice) of the chunks of n items that process `rank` of `world` handles: j = rank, rank + world, ..."""
+    return [(j, slice(a, min(a + CHUNK, n))) for j, a in enumerate(range(0, n, CHUNK)) if j % world == rank]
+
+
+def sample_labels(n, num_classes):
+    """The labels of n class-conditional samples: 0, 1, 2, ... in turn, so every class equally often (n a multiple of
+    num_classes; else the first n % num_classes once more)."""
+    return torch.arange(n) % num_classes
+
+
+@torch.no_grad()
+def moments(net, batches, device):
+    """Sums over a stream of (images in [-1, 1], labels or None) batches, added up over the processes under torchrun:
+    dict(n, sum (D,), outer (D, D), correct) in float64. Only sums are kept, never the images or their features."""
+    D = net.head.in_features if isinstance(net, Classifier) else 2048           # (a process may have no chunk)
+    total = dict(n=torch.zeros((), dtype=torch.float64), sum=torch.zeros(D, dtype=torch.float64),
+                 outer=torch.zeros(D, D, dtype=torch.float64), correct=torch.zeros((), dtype=torch.float64))
+    for x, y in batches:
+        f, pred = features(net, x, device)
+        total["n"] += len(f)
+        total["sum"] += f.sum(0)
+        total["outer"] += f.T @ f
+        if pred is not None and y is not None:
+            total["correct"] += (pred == y.cpu()).sum()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        total = {k: all_sum(v, device) for k, v in total.items()}
+    return total
+
+
+def all_sum(x, device):
+    """x summed over the processes (on the device: NCCL reduces GPU tensors only), back on the CPU."""
+    x = x.to(device)
+    torch.distributed.all_reduce(x)
+    return x.cpu()
+
+
+def moment_stats(m):
+    """Mean and covariance (unbiased, as torch.cov) from the sums of moments."""
+    mu = m["sum"] / m["n"]
+    return mu, (m["outer"] - m["n"] * torch.outer(mu, mu)) / (m["n"] - 1)
+
+
 def frechet_distance(mu1, cov1, mu2, cov2):
     """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), the trace term from the eigenvalues of C1^(1/2) C2 C1^(1/2)."""
     w, V = torch.linalg.eigh(cov1)
@@ -97,39 +145,54 @@ def frechet_distance(mu1, cov1, mu2, cov2):
     return ((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * cross).item()
 
 
-def reference(net, images, path, device):
-    """Mean and covariance of the real images' features, computed once and kept in path (written atomically)."""
-    if not os.path.exists(path):
-        torch.save(feature_stats(features(net, images, device)[0]), path + ".tmp")
-        os.replace(path + ".tmp", path)
-    return torch.load(path, weights_only=True)
-
-
 def setup(data, args):
     """(net, mu, cov) of --fid-backend, the reference statistics cached in --out (named in the terminal and in each
-    arm's config.json): --fid-samples random training images (pytorch-fid) or held-out images (classifier), latents
-    decoded by the autoencoder; None when pytorch-fid or its weights are missing."""
+    arm's config.json): --fid-samples random training images (pytorch-fid) or held-out images (classifier); latents
+    are decoded by the autoencoder, a chunk at a time (the built-in reference of latents: decoded training latents, not
+    ADM's reference batch). Under torchrun every process takes part (rank 0 loads the weights first and writes the
+    cache). None when pytorch-fid or its weights are missing."""
     if args.fid_backend == "classifier":
         net = load_classifier(args.fid_weights, args.device)
         x, tag = data["heldout_x"], f"classifier_{sha256(args.fid_weights)[:12]}"
     else:
-        net, x, tag = load_inception(args.device), data["train_x"], "pytorch-fid"
+        net, x, tag = rank_0_first(load_inception, args.device), data["train_x"], "pytorch-fid"   # rank 0 downloads
     if net is None:
         return None
     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:args.fid_samples]
-    real = x[pick.to(x.device)]
-    images = hashlib.sha256(real.cpu().numpy().tobytes()).hexdigest()[:12]       # the cache names its images
-    args.fid_reference = os.path.join(args.out, f"fid_ref_{tag}_{args.dataset}_{len(real)}_{images}.pt")
-    real = real.float() / 127.5 - 1 if real.dtype == torch.uint8 else data["decode"](real)    # latents: decoded
-    print(f"FID ({args.fid_backend}) against the statistics of {len(real)} images in {args.fid_reference}")
-    return net, *reference(net, real, args.fid_reference, args.device)
+    digest = hashlib.sha256()                                           # the cache names its images (or latents)
+    for _, part in chunks(len(pick)):
+        digest.update(x[pick[part].to(x.device)].cpu().numpy().tobytes())
+    args.fid_reference = os.path.join(args.out, f"fid_ref_{tag}_{args.dataset}_{len(pick)}_{digest.hexdigest()[:12]}.pt")
+    print(f"FID ({args.fid_backend}) against the statistics of {len(pick)} images in {args.fid_reference}")
+    cached = torch.tensor([float(os.path.exists(args.fid_reference))], device=args.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(cached, 0)                                     # rank 0's answer for all
+    if cached.item():
+        return net, *torch.load(args.fid_reference, weights_only=True)
+    to_images = (lambda r: r.float() / 127.5 - 1) if x.dtype == torch.uint8 else data["decode"]
+
+    def batches():
+        """This process's chunks of the reference, as images."""
+        for _, part in chunks(len(pick), args.rank, args.world):
+            yield to_images(x[pick[part].to(x.device)]), None
+    mu, cov = moment_stats(moments(net, batches(), args.device))
+    if args.rank == 0:
+        torch.save((mu, cov), args.fid_reference + ".tmp")                 # written atomically
+        os.replace(args.fid_reference + ".tmp", args.fid_reference)
+    return net, mu, cov
+
+
+def measure(net, mu, cov, batches, device):
+    """Sample quality of class-conditional samples, a stream of (images in [-1, 1], the labels they were drawn for):
+    {"fid": the Frechet distance to the reference}, with the classifier also {"sample_accuracy": the share classified
+    as their label}. Under torchrun each process passes its share."""
+    m = moments(net, batches, device)
+    out = dict(fid=frechet_distance(*moment_stats(m), mu, cov))
+    if isinstance(net, Classifier):
+        out["sample_accuracy"] = (m["correct"] / m["n"]).item()
+    return out
 
 
 def measures(net, mu, cov, images, labels, device):
-    """Sample quality of class-conditional samples (images in [-1, 1] drawn for labels): {"fid": the Frechet distance
-    to the reference}, with the classifier also {"sample_accuracy": the share classified as their label}."""
-    f, pred = features(net, images, device)
-    out = dict(fid=frechet_distance(*feature_stats(f), mu, cov))
-    if pred is not None:
-        out["sample_accuracy"] = (pred == labels.cpu()).float().mean().item()
-    return out
+    """measure() of images held in memory (one process)."""
+    return measure(net, mu, cov, ((images[p], labels[p]) for _, p in chunks(len(images))), device)

@@ -1,7 +1,7 @@
 """
 score.py: sample quality of train_cifar.py checkpoints (EMA weights), as --fid-every measures it during training:
-class-conditional samples (labels 0, 1, 2, ...), their Frechet distance to the reference images in the features of
---fid-backend and, with the classifier, the share of samples it recognises as their class. --draws N scores each
+class-conditional samples (labels 0, 1, 2, ...: every class equally often), their Frechet distance to the reference
+images in the features of --fid-backend and, with the classifier, the share of samples it recognises as their class. --draws N scores each
 checkpoint N times with other noise, to see the measure's own spread. Options other than these are train_cifar.py's
 (data, --fid-*, --sample-steps, --sampler, --cfg-scale, --device).
 
@@ -15,19 +15,10 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dar_minimal import DiT  # noqa: E402
 from tools import fid  # noqa: E402
-from train_cifar import generate, load_checkpoint, load_data, parse_args  # noqa: E402
-
-
-def score(model, fid_ref, args, draw=0, decode=lambda x: x):
-    """The measures of args.fid_samples samples of model (decoded to images), noise seeds offset by draw."""
-    n = [min(500, args.fid_samples - i) for i in range(0, args.fid_samples, 500)]
-    fake = decode(torch.cat([generate(model, k, args, seed=1 + 500 * j + 1_000_000 * draw) for j, k in enumerate(n)]))
-    return fid.measures(*fid_ref, fake, torch.cat([torch.arange(k) % model.num_classes for k in n]), args.device)
+from train_cifar import load_checkpoint, load_data, parse_args, sample_quality  # noqa: E402
 
 
 def main(argv=None):
@@ -57,8 +48,9 @@ def main(argv=None):
         model.load_state_dict(ckpt["ema"])
         for draw in range(own.first_draw, own.first_draw + own.draws):
             t0 = time.time()
-            row = dict(checkpoint=path, step=ckpt["step"], routing=model.routing, draw=draw,
-                       **score(model, fid_ref, args, draw, data["decode"]), seconds=time.time() - t0)
+            arm_and_file = os.path.join(*os.path.normpath(path).split(os.sep)[-2:])      # not this machine's path
+            row = dict(checkpoint=arm_and_file, step=ckpt["step"], routing=model.routing, draw=draw,
+                       **sample_quality(model, fid_ref, args, data["decode"], draw), seconds=time.time() - t0)
             rows.append(row)
             print(f"{path} (step {row['step']}, {row['routing']}, draw {draw}): FD {row['fid']:.3f}"
                   + (f", sample accuracy {row['sample_accuracy']:.3f}" if "sample_accuracy" in row else "")
