@@ -1702,3 +1702,20 @@ def test_cpu_rehearsal_of_the_gpu_paths_torchrun_latents_mirror_micro_batch_fid_
     a, b = (torch.load(tmp_path / o / "dar" / "ckpt.pt", weights_only=True) for o in ("run", "one"))
     assert all(torch.allclose(a[w][k], b[w][k], atol=1e-5) for w in ("model", "ema") for k in a["model"])
     assert os.path.exists(tmp_path / "run" / "dar" / f"samples_{end:07d}.png")      # decoded by the autoencoder
+
+
+# ================================================================================================ the teaching notebook (run_dar.ipynb)
+
+def test_the_notebook_runs_top_to_bottom_with_its_fast_settings(tmp_path, monkeypatch):
+    """Every cell of run_dar.ipynb in order, as a class would run it, with a few training steps (DAR_NOTEBOOK=fast):
+    no cell errors, and the two arms are trained where the notebook says."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv("DAR_NOTEBOOK", "fast")
+    monkeypatch.setenv("DAR_NOTEBOOK_OUT", str(tmp_path / "run"))
+    nb = nbformat.read(os.path.join(HERE, "run_dar.ipynb"), as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "reader 2: weights [0.5, 0.5]" in outputs and "final val loss" in outputs
+    assert os.path.exists(tmp_path / "run" / "dar" / "ckpt.pt")

@@ -8,7 +8,8 @@ train_cifar.py: train a DiT with residual or DAR routing by flow matching, and c
 
 Both arms of a comparison see the same initial weights (the router is created last), the same data order and
 the same t, noise, flip and label-dropout draws: every random draw of training is a function of (seed, step),
-made for the whole batch (each torchrun process takes its part), which also makes --resume exact. Evaluation uses
+made for the whole batch (each torchrun process and each --micro-batch takes its part, so they train as one process
+with the whole batch would), which also makes --resume exact. Evaluation uses
 the EMA weights, a fixed validation subset, a fixed grid of t and fixed noise, identical for every evaluation and
 both arms. Secondary jobs have their own scripts in tools/: samples of a checkpoint (sample.py), the paper's
 diagnostics (diagnose.py), the comparison of a run's arms from their logs (compare.py).

@@ -92,12 +92,11 @@ def summary_text(summary, picture):
 def plot_comparison(arms, target, path):
     """Validation loss of each arm against steps and against training time, side by side; False without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure             # no pyplot: leaves a notebook's (or any) backend alone
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2, sharey=True)
     for k, v in arms.items():
         for ax, key in zip(axes, ("step", "train_seconds")):
             ax.plot([r[key] for r in v], [r["val_loss"] for r in v], marker="o", label=k)
@@ -108,7 +107,6 @@ def plot_comparison(arms, target, path):
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 

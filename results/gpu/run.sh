@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU evidence on a lent H100/H200, run from the repository root by the device tool (carry .gpudata holding a copy of
 # ../shared/data/cifar10-jpeg.tar.gz; the tool sets $OUT). One part per call, each well inside the tool's 10 minutes:
-#   bash results/gpu/run.sh paths    the command paths a GPU user takes, in miniature (about 2 minutes): a tiny random
+#   bash results/gpu/run.sh paths    the command paths a GPU user takes, in miniature (a few minutes): a tiny random
 #                                    AutoencoderKL encodes 2,000 CIFAR-10 JPEGs with --mirror; training on those
 #                                    latents, bf16, compiled, --micro-batch, FID (classifier backend) and grids decoded;
 #                                    tools/sample.py's .npz; a batch too large for the card ends in one line
@@ -39,9 +39,10 @@ limited() {   # limited SECONDS WHAT COMMAND...: runs it under a time limit; pas
 }
 
 if [ "$part" = paths ]; then
-    W=$(mktemp -d); mkdir -p "$W/imgs"
-    for c in "$d"/train/*/; do mkdir -p "$W/imgs/$(basename "$c")"; ls "$c" | head -200 | while read -r f; do
-        cp "$c$f" "$W/imgs/$(basename "$c")/"; done; done                            # 200 images per class
+    W=$(mktemp -d)
+    for c in "$d"/train/*/; do                                                       # 200 images per class
+        mkdir -p "$W/imgs/$(basename "$c")"; find "$c" -type f | sort | head -200 | xargs cp -t "$W/imgs/$(basename "$c")"
+    done
     python - "$W/vae" <<'EOF'
 import sys, torch, diffusers
 torch.manual_seed(0)     # a tiny random autoencoder: 32 x 32 images -> 4 x 16 x 16 latents; no weights to download
@@ -53,7 +54,7 @@ EOF
     common=(--dataset latents --data-path "$W/z" --patch-size 2 --depth 4 --hidden-size 128 --num-heads 4
             --batch-size ${PATH_BATCH:-256} --micro-batch $((${PATH_BATCH:-256} / 4)) --precision bf16 --device "$DEVICE" --fid-backend classifier
             --fid-weights results/classifier/cifar10.pt --fid-samples ${PATH_FID:-1000} --sample-steps 10)
-    limited 300 "training on latents" python train_cifar.py "${common[@]}" --compile --routing residual,dar --steps $PATH_STEPS \
+    limited ${PATH_LIMIT:-300} "training on latents" python train_cifar.py "${common[@]}" ${COMPILE:---compile} --routing residual,dar --steps $PATH_STEPS \
         --eval-every $((PATH_STEPS / 2)) --fid-every $((PATH_STEPS / 2)) --log-every $((PATH_STEPS / 4)) --out "$W/run" 2>&1 | grep -v "it/s" | tee -a "$OUT/paths.log"
     ls "$W"/run/*/samples_*.png | tee -a "$OUT/paths.log"
     limited 60 "sampling" python tools/sample.py "$W/run/dar/ckpt.pt" --num-samples ${PATH_FID:-1000} --sample-steps 10 \

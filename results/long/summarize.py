@@ -15,6 +15,8 @@ import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED_CORES = {"d8_s0_te", "w64_d24_s0", "w64_d24_s1", "w64_d8_s0", "w64_d16_s0"}   # trained beside other work at
+#                                     times (tests, scoring, checks): their training-time ratios are indicative only
 
 
 def source(run, arm):
@@ -148,8 +150,8 @@ def readme_table(summary, fmt):
     schedule (constant first), depth, setting, seed. summary.md has every evaluation."""
     runs = sorted(summary, key=lambda s: (s["schedule"], s["depth"], s["setting"], s["seed"]))
     lines = ["| run | DAR x fewer steps at residual step 1,000 / 2,000 / 4,000 / last | the lead ends near step | "
-             "DAR - residual val loss, last | DAR x less training time, last | samples, residual / DAR: Frechet "
-             "distance, accuracy (step) |", "|---|---|---|---|---|---|"]
+             "DAR - residual val loss, last | DAR x less training time, last (~: cores shared, indicative) | samples, "
+             "residual / DAR: Frechet distance, accuracy (step) |", "|---|---|---|---|---|---|"]
     for s in runs:
         by_step = {r["step"]: r for r in s["rows"] if r["dar"] is not None}
         last = max(by_step)
@@ -159,7 +161,8 @@ def readme_table(summary, fmt):
         lines.append(f"| {s['label']} | " + " / ".join(ratio(by_step.get(n)) or "-" for n in (1000, 2000, 4000))
                      + f" / {ratio(by_step[last])} ({last:,}) | {'-' if end is None else format(round(end, -2), ',.0f')} | "
                      f"{by_step[last]['dar'] - by_step[last]['residual']:+.4f} ({last:,}) | "
-                     + (f"{timed[-1]['time_ratio']:.2f} ({timed[-1]['step']:,})" if timed else "-") + " | "
+                     + ("~" * (s["run"] in SHARED_CORES) + f"{timed[-1]['time_ratio']:.2f} ({timed[-1]['step']:,})"
+                        if timed else "-") + " | "
                      + (samples(s["samples"][-1]) if s["samples"] else "-") + " |")
     return lines
 
