@@ -1,0 +1,64 @@
+"""
+rule.py: can a user tell from a residual DiT early in training whether DAR's gain will last? For every long run with
+diagnostics of its residual arm at 2,000 steps (diagnostics.json, made by diagnose.sh from kept checkpoints): the
+residual's gradient RMS from the first block to the last at t = 1 and its neighbouring blocks' cosine, beside DAR's
+steps-to-match ratio at the run's last evaluation (summary.json; 8,000 steps where the run got there). Writes rule.md
+and rule.png (the ratio against the gradient-RMS fall, a point per run, labelled by depth x width).
+
+    python results/long/rule.py          # after summarize.py and diagnose.sh
+"""
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main():
+    """Joins the residual diagnostics at 2,000 steps with the runs' last step ratios; writes rule.md and rule.png."""
+    with open(os.path.join(HERE, "diagnostics.json")) as f:
+        diagnostics = json.load(f)
+    with open(os.path.join(HERE, "summary.json")) as f:
+        summary = {s["run"]: s for s in json.load(f)}
+    points = []
+    for d in diagnostics:
+        run = d["source"].split("/")[-1]
+        if d["arm"] != "residual" or d["step"] != 2000 or run not in summary:
+            continue
+        rows = [r for r in summary[run]["rows"] if r["step_ratio"]]
+        last = rows[-1]
+        points.append(dict(run=run, shape=f"{d['depth']} x {d['width']}", grad_fall=d["1.0"]["grad_first_over_last"],
+                           cosine=d["1.0"]["mean_cosine"], ratio=last["step_ratio"], step=last["step"],
+                           lasted=last["step_ratio"] > 1))
+    points.sort(key=lambda p: p["grad_fall"])
+    lines = ["Written by results/long/rule.py. Residual arm at 2,000 steps, t = 1: gradient RMS of the first block over "
+             "the last, mean cosine of neighbouring blocks; DAR: x fewer steps to the residual's loss at the run's last "
+             "evaluation (above 1: still ahead).", "",
+             "| run | blocks x width | residual grad first/last at 2,000 | residual cos at 2,000 | DAR x fewer steps (step) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| `{p['run']}` | {p['shape']} | {p['grad_fall']:.2f} | {p['cosine']:.3f} | {p['ratio']:.2f} "
+              f"({p['step']:,}) |" for p in points]
+    with open(os.path.join(HERE, "rule.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(HERE, "rule.json"), "w") as f:
+        json.dump(points, f, indent=1)
+    print("\n".join(lines))
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("rule.png not drawn: matplotlib is not installed")
+        return
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
+    for p in points:
+        ax.scatter(p["grad_fall"], p["ratio"], color="tab:blue" if p["lasted"] else "tab:red")
+        ax.annotate(f"{p['shape']} ({p['step']:,})", (p["grad_fall"], p["ratio"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.axhline(1, color="gray", lw=0.5, ls="--")
+    ax.set(xlabel="residual at 2,000 steps: gradient RMS, first block / last (t = 1)",
+           ylabel="DAR: x fewer steps at the last evaluation")
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "rule.png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()
