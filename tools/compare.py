@@ -25,9 +25,9 @@ def steps_to_reach(evals, target, key="step"):
 
 
 LONG_RUNS = ("A lead early in training need not last: in the long runs on CIFAR-10 (README, 'Does the lead last?') "
-             "DAR's lead was gone by about 4,000 steps at 8 blocks (level after, two seeds) and by about 2,300 at 12 "
-             "(behind after, one seed); in a deep, narrow model (24 blocks of width 64) it lasted to 8,000 steps, "
-             "shrinking: 1.67x and 1.91x at 4,000 steps, 1.41x and 1.27x at 8,000 (two seeds).")
+             "at width 128 DAR's lead was gone by about 4,000 steps at 8 blocks (within 0.001 after, two seeds) and by "
+             "about 2,300 at 12 (behind after, one seed); at width 64 it lasted to 8,000 steps, at 24 blocks (1.41x and "
+             "1.27x, two seeds, shrinking) and at 8 blocks (1.39x, one seed): the width, not the depth.")
 
 
 def compare(records, out, val_t=None):
