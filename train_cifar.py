@@ -529,29 +529,30 @@ def batches(data, args):
     read from a file come from a background thread, read while the step before trains (pinned memory on CUDA)."""
     x, n, B = data["train_x"], len(data["train_x"]), args.batch_size
     mine = slice(args.rank * (B // args.world), (args.rank + 1) * (B // args.world))
-    orders = {}
+    on_file, orders = isinstance(x, FileRows), {}
+    # On CUDA nothing a step copies to the GPU waits for it: host tensors are pinned, indices of data on the GPU too
+    pin = (lambda t: t.pin_memory()) if args.device.startswith("cuda") else (lambda t: t)
+    labels = data["train_y"].cpu() if on_file else data["train_y"]
 
     def read(step):
         """(rows, labels, flips) of the step, this process's part."""
         epoch, i = divmod(step, max(1, n // B))
-        if epoch not in orders:                                    # one epoch's order at a time
+        if epoch not in orders:                                    # one epoch's order at a time, beside the data
             orders.clear()
-            orders[epoch] = epoch_order(n, args.seed, epoch)
-        idx, flip = orders[epoch][i * B:(i + 1) * B][mine], step_flips(B, step, args)[0][mine]
-        if not isinstance(x, FileRows):
-            return x[idx.to(x.device)], data["train_y"][idx.to(x.device)], flip
-        rows = x.read(idx, flip if x.mirrored else None)
-        y = data["train_y"][idx.to(data["train_y"].device)]
-        return (rows.pin_memory() if args.device.startswith("cuda") else rows), y, flip
-    read = Prefetch(read) if isinstance(x, FileRows) else read
+            orders[epoch] = epoch_order(n, args.seed, epoch).to("cpu" if on_file else x.device)
+        idx, flip = orders[epoch][i * B:(i + 1) * B][mine], pin(step_flips(B, step, args)[0][mine])
+        if on_file:
+            return pin(x.read(idx, flip if x.mirrored else None)), pin(labels[idx]), flip
+        return x[idx], labels[idx], flip
+    read = Prefetch(read) if on_file else read
 
     def batch(step):
         """This process's part of the step's batch: (x1, y) on the device."""
         rows, y, flip = read(step)
         x1 = to_model_space(rows, args.device)
         if data["images"]:                                          # random horizontal flip
-            x1 = torch.where(flip.to(args.device)[:, None, None, None], x1.flip(-1), x1)
-        return x1, y.to(args.device)
+            x1 = torch.where(flip.to(args.device, non_blocking=True)[:, None, None, None], x1.flip(-1), x1)
+        return x1, y.to(args.device, non_blocking=True)
     batch.close = getattr(read, "close", lambda: None)
     return batch
 
