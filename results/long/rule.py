@@ -3,12 +3,16 @@ rule.py: can a user tell from a residual DiT early in training whether DAR's gai
 diagnostics of its residual arm at 2,000 steps (diagnostics.json, made by diagnose.sh from kept checkpoints): the
 residual's gradient RMS from the first block to the last at t = 1 and its neighbouring blocks' cosine, beside DAR's
 steps-to-match ratio at the run's last evaluation (summary.json; 8,000 steps where the run got there). Writes rule.md
-and rule.png (the ratio against the gradient-RMS fall, a point per run, labelled by depth x width).
+and rule.png (the ratio against the gradient-RMS fall, a point per run, labelled by depth x width). A second rule
+needs no checkpoint, only a short run of both arms: for every long run, DAR's ratio at 1,000 and 2,000 steps beside
+whether its lead ended (summarize.lead_ends) and its last ratio (rule.md's second table, rule.png's right panel).
 
     python results/long/rule.py          # after summarize.py and diagnose.sh
 """
 import json
 import os
+
+from summarize import lead_ends
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,7 +32,7 @@ def main():
         last = rows[-1]
         points.append(dict(run=run, shape=f"{d['depth']} x {d['width']}", grad_fall=d["1.0"]["grad_first_over_last"],
                            cosine=d["1.0"]["mean_cosine"], ratio=last["step_ratio"], step=last["step"],
-                           lasted=last["step_ratio"] > 1))
+                           lasted=lead_ends(summary[run]["rows"]) is None))
     points.sort(key=lambda p: p["grad_fall"])
     lines = ["Written by results/long/rule.py. Residual arm at 2,000 steps, t = 1: gradient RMS of the first block over "
              "the last, mean cosine of neighbouring blocks; DAR: x fewer steps to the residual's loss at the run's last "
@@ -37,25 +41,47 @@ def main():
              "|---|---|---|---|---|"]
     lines += [f"| `{p['run']}` | {p['shape']} | {p['grad_fall']:.2f} | {p['cosine']:.3f} | {p['ratio']:.2f} "
               f"({p['step']:,}) |" for p in points]
+    early = []
+    for s in summary.values():                          # the pilot rule: does DAR's ratio still grow from 1,000 to 2,000?
+        at = {r["step"]: r["step_ratio"] for r in s["rows"] if r["exact"]}
+        if 1000 in at and 2000 in at:
+            last = [r for r in s["rows"] if r["step_ratio"]][-1]
+            early.append(dict(run=s["run"], label=s["label"], r1000=at[1000], r2000=at[2000], ends=lead_ends(s["rows"]),
+                              ratio=last["step_ratio"], step=last["step"]))
+    early.sort(key=lambda e: e["r2000"] / e["r1000"])
+    lines += ["", "Every long run: DAR's x fewer steps at the residual's 1,000 and 2,000 steps, where its lead ended "
+              "(summarize.py: the ratio first falls to 1 after 1,000 steps), its last ratio.", "",
+              "| run | setting | x fewer at 1,000 | at 2,000 | 2,000 / 1,000 | the lead ends near step | last (step) |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| `{e['run']}` | {e['label']} | {e['r1000']:.2f} | {e['r2000']:.2f} | {e['r2000'] / e['r1000']:.2f} | "
+              f"{'-' if e['ends'] is None else format(round(e['ends'], -2), ',.0f')} | {e['ratio']:.2f} ({e['step']:,}) |"
+              for e in early]
     with open(os.path.join(HERE, "rule.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(HERE, "rule.json"), "w") as f:
-        json.dump(points, f, indent=1)
+        json.dump(dict(gradient=points, early=early), f, indent=1)
     print("\n".join(lines))
     try:
         from matplotlib.figure import Figure
     except ImportError:
         print("rule.png not drawn: matplotlib is not installed")
         return
-    fig = Figure(figsize=(5.5, 3.8))
-    ax = fig.subplots()
+    fig = Figure(figsize=(11, 3.8))
+    left, right = fig.subplots(1, 2)
     for p in points:
-        ax.scatter(p["grad_fall"], p["ratio"], color="tab:blue" if p["lasted"] else "tab:red")
-        ax.annotate(f"{p['shape']} ({p['step']:,})", (p["grad_fall"], p["ratio"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
-    ax.axhline(1, color="gray", lw=0.5, ls="--")
-    ax.set(xlabel="residual at 2,000 steps: gradient RMS, first block / last (t = 1)",
-           ylabel="DAR: x fewer steps at the last evaluation")
+        left.scatter(p["grad_fall"], p["ratio"], color="tab:blue" if p["lasted"] else "tab:red")
+        left.annotate(f"{p['shape']} ({p['step']:,})", (p["grad_fall"], p["ratio"]), textcoords="offset points",
+                      xytext=(5, 4), fontsize=8)
+    left.set(xlabel="residual at 2,000 steps: gradient RMS, first block / last (t = 1)",
+             ylabel="DAR: x fewer steps at the last evaluation", title="runs whose 2,000-step checkpoints were kept")
+    for e in early:
+        right.scatter(e["r2000"] / e["r1000"], e["ratio"], color="tab:red" if e["ends"] else "tab:blue")
+        right.annotate(e["run"], (e["r2000"] / e["r1000"], e["ratio"]), textcoords="offset points", xytext=(5, 4),
+                       fontsize=7)
+    right.axvline(1, color="gray", lw=0.5, ls="--")
+    right.set(xlabel="DAR's x fewer steps at 2,000 / at 1,000", title="blue: the lead never ended; red: it ended")
+    for ax in (left, right):
+        ax.axhline(1, color="gray", lw=0.5, ls="--")
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "rule.png"), dpi=110)
 
