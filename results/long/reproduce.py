@@ -1,9 +1,10 @@
 """
 reproduce.py: does today's code give a committed residual arm? Compares the validation losses of a rerun (by default
 runs/long/d8_s0_repro/residual, 1,000 steps of results/long/run.sh) with the committed arm (results/long/d8_s0/residual)
-at every evaluation both have, to 4 decimals, and writes results/long/reproduce.json. Only if every one agrees may a
-DAR-only run be compared with the committed arm (results/long/<run>/residual_from). From the repository root:
-    python results/long/reproduce.py [RERUN_DIR [COMMITTED_DIR]]
+at every evaluation both have, to 4 decimals, and writes results/long/reproduce.json (or OUT) with the largest
+difference. Only if every one agrees may a DAR-only run be compared with the committed arm (results/long/<run>/
+residual_from). From the repository root:
+    python results/long/reproduce.py [RERUN_DIR [COMMITTED_DIR [OUT]]]
 """
 import json
 import os
@@ -29,8 +30,12 @@ def main():
         print(f"step {r['step']}: rerun {r['rerun']:.6f}, committed {r['committed']:.6f}, "
               f"{'same' if r['same_to_4_decimals'] else 'DIFFERENT'} to 4 decimals")
     reproduced = bool(rows) and all(r["same_to_4_decimals"] for r in rows)
-    with open(os.path.join(HERE, "reproduce.json"), "w") as f:
-        json.dump(dict(rerun=rerun, committed=os.path.relpath(committed), rows=rows, reproduced=reproduced), f, indent=1)
+    largest = max((abs(r["rerun"] - r["committed"]) for r in rows), default=None)
+    print(f"largest difference: {largest:.2g}" if rows else "no evaluation in common")
+    out = sys.argv[3] if len(sys.argv) > 3 else os.path.join(HERE, "reproduce.json")
+    with open(out, "w") as f:
+        json.dump(dict(rerun=rerun, committed=os.path.relpath(committed), rows=rows, reproduced=reproduced,
+                       largest_difference=largest), f, indent=1)
     print("reproduced" if reproduced else "NOT reproduced: rerun the residual arm too")
     sys.exit(0 if reproduced else 1)
 

@@ -1,6 +1,7 @@
 """
 rule.py: can a user tell from a residual DiT early in training whether DAR's gain will last? For every long run with
-diagnostics of its residual arm at 2,000 steps (diagnostics.json, made by diagnose.sh from kept checkpoints): the
+diagnostics of its residual arm at 2,000 steps (diagnostics.json, made by diagnose.sh from kept checkpoints; a
+source named <run>_2k is <run>'s residual arm trained again to 2,000 steps, and serves every run compared with it): the
 residual's gradient RMS from the first block to the last at t = 1 and its neighbouring blocks' cosine, beside DAR's
 steps-to-match ratio at the run's last evaluation (summary.json; 8,000 steps where the run got there). Writes rule.md
 and rule.png (the ratio against the gradient-RMS fall, a point per run, labelled by depth x width). A second rule
@@ -12,7 +13,7 @@ whether its lead ended (summarize.lead_ends) and its last ratio (rule.md's secon
 import json
 import os
 
-from summarize import lead_ends
+from summarize import lead_ends, source
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,14 +26,14 @@ def main():
         summary = {s["run"]: s for s in json.load(f)}
     points = []
     for d in diagnostics:
-        run = d["source"].split("/")[-1]
-        if d["arm"] != "residual" or d["step"] != 2000 or run not in summary:
+        if d["arm"] != "residual" or d["step"] != 2000:
             continue
-        rows = [r for r in summary[run]["rows"] if r["step_ratio"]]
-        last = rows[-1]
-        points.append(dict(run=run, shape=f"{d['depth']} x {d['width']}", grad_fall=d["1.0"]["grad_first_over_last"],
-                           cosine=d["1.0"]["mean_cosine"], ratio=last["step_ratio"], step=last["step"],
-                           lasted=lead_ends(summary[run]["rows"]) is None))
+        trained = d["source"].split("/")[-1].removesuffix("_2k")          # <run>_2k: <run>'s residual arm trained again
+        for run in (r for r in summary if source(r, "residual") == trained):   # every run this residual arm serves
+            last = [r for r in summary[run]["rows"] if r["step_ratio"]][-1]
+            points.append(dict(run=run, shape=f"{d['depth']} x {d['width']}", grad_fall=d["1.0"]["grad_first_over_last"],
+                               cosine=d["1.0"]["mean_cosine"], ratio=last["step_ratio"], step=last["step"],
+                               lasted=lead_ends(summary[run]["rows"]) is None))
     points.sort(key=lambda p: p["grad_fall"])
     lines = ["Written by results/long/rule.py. Residual arm at 2,000 steps, t = 1: gradient RMS of the first block over "
              "the last, mean cosine of neighbouring blocks; DAR: x fewer steps to the residual's loss at the run's last "
@@ -70,8 +71,7 @@ def main():
     left, right = fig.subplots(1, 2)
     for p in points:
         left.scatter(p["grad_fall"], p["ratio"], color="tab:blue" if p["lasted"] else "tab:red")
-        left.annotate(f"{p['shape']} ({p['step']:,})", (p["grad_fall"], p["ratio"]), textcoords="offset points",
-                      xytext=(5, 4), fontsize=8)
+        left.annotate(p["run"], (p["grad_fall"], p["ratio"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
     left.set(xlabel="residual at 2,000 steps: gradient RMS, first block / last (t = 1)",
              ylabel="DAR: x fewer steps at the last evaluation", title="runs whose 2,000-step checkpoints were kept")
     for e in early:

@@ -16,7 +16,9 @@
 # and d8_s0_c1 only DAR, compared with d8_s0_te's residual (results/long/<run>/residual_from names it). They run
 # compiled, as w64_d24_s0 (the 8-block runs of issue 18 ran eager). Issue 39 separates depth from width at width 64
 # (8, 16 and 24 blocks, chunk 4 in all three so that only the depth changes) and follows 24 x 64 to 16,000 steps
-# (w64_d24_s0's checkpoints did not survive: trained again from step 0, its log checked against w64_d24_s0's).
+# (w64_d24_s0's checkpoints did not survive: trained again from step 0, its log checked against w64_d24_s0's), and
+# trains d8_s0_te's residual arm again to 2,000 steps (ARMS=residual; its log checked against d8_s0_te's with
+# reproduce.py) so that the rule's diagnostics at 2,000 steps have a width-128 run, whose gain faded.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 R=results/long
@@ -32,7 +34,8 @@ all=("d8_s0 8 0 8000" "d12_s0 12 0 6000" "d8_s1 8 1 8000" "d4_s1 4 1 8000"
      "w64_d24_s1 24 1 8000 --hidden-size 64 --dar-chunk 4 --compile"    # issue 27: a second seed where the gain lasts
      "w64_d8_s0 8 0 8000 --hidden-size 64 --dar-chunk 4 --compile"      # issue 39: narrow but shallow
      "w64_d16_s0 16 0 8000 --hidden-size 64 --dar-chunk 4 --compile"    # issue 39: between the two
-     "w64_d24_s0_16k 24 0 16000 --hidden-size 64 --dar-chunk 4 --compile")   # issue 39: w64_d24_s0 to 16,000 steps
+     "w64_d24_s0_16k 24 0 16000 --hidden-size 64 --dar-chunk 4 --compile"   # issue 39: w64_d24_s0 to 16,000 steps
+     "d8_s0_te_2k 8 0 2000 --compile --dar-query static_t_embed")   # issue 39: d8_s0_te's residual arm again, ARMS=residual
 shift || true
 want=" ${*:-d8_s0 d12_s0 d8_s1 d4_s1 d8_s0_cos w64_d24_s0} "          # (the issue-27 8-block runs: by name)
 for run in "${all[@]}"; do
