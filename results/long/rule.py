@@ -4,7 +4,7 @@ diagnostics of its residual arm at 2,000 steps (diagnostics.json, made by diagno
 source named <run>_2k is <run>'s residual arm trained again to 2,000 steps, and serves every run compared with it): the
 residual's gradient RMS from the first block to the last at t = 1 and its neighbouring blocks' cosine, beside DAR's
 steps-to-match ratio at the run's last evaluation (summary.json; 8,000 steps where the run got there). Writes rule.md
-and rule.png (the ratio against the gradient-RMS fall, a point per run, labelled by depth x width). A second rule
+and rule.png (the ratio against the gradient-RMS fall, a point per run, labelled by its name). A second rule
 needs no checkpoint, only a short run of both arms: for every long run, DAR's ratio at 1,000 and 2,000 steps beside
 whether its lead ended (summarize.lead_ends) and its last ratio (rule.md's second table, rule.png's right panel).
 
