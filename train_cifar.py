@@ -684,8 +684,10 @@ def train_arm(args, data, routing, arm_dir, fid_ref=None, stop=None):
                                               eval=spent["eval"] + eval_time),
                                  data_position=dict(zip(("epoch", "index_in_epoch"),
                                                         divmod(done, max(1, len(data["train_x"]) // B))))), ckpt_path)
-            if args.keep_every and done % args.keep_every == 0:
-                shutil.copy(ckpt_path, os.path.join(arm_dir, f"ckpt_{done:07d}.pt"))
+            if args.keep_every and done % args.keep_every == 0:                     # a copy, also atomic
+                kept = os.path.join(arm_dir, f"ckpt_{done:07d}.pt")
+                shutil.copy(ckpt_path, kept + ".tmp")
+                os.replace(kept + ".tmp", kept)
         bar.update(1)
         if signum:
             bar.close()
