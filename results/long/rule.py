@@ -18,6 +18,12 @@ from summarize import lead_ends, source
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def running(run, summary):
+    """True while the run's residual arm has not reached its planned steps (its points are drawn hollow)."""
+    with open(os.path.join(HERE, source(run, "residual"), "residual", "config.json")) as f:
+        return summary[run]["rows"][-1]["step"] < json.load(f)["args"]["steps"]
+
+
 def main():
     """Joins the residual diagnostics at 2,000 steps with the runs' last step ratios; writes rule.md and rule.png."""
     with open(os.path.join(HERE, "diagnostics.json")) as f:
@@ -33,7 +39,7 @@ def main():
             last = [r for r in summary[run]["rows"] if r["step_ratio"]][-1]
             points.append(dict(run=run, shape=f"{d['depth']} x {d['width']}", grad_fall=d["1.0"]["grad_first_over_last"],
                                cosine=d["1.0"]["mean_cosine"], ratio=last["step_ratio"], step=last["step"],
-                               lasted=lead_ends(summary[run]["rows"]) is None))
+                               lasted=lead_ends(summary[run]["rows"]) is None, running=running(run, summary)))
     points.sort(key=lambda p: p["grad_fall"])
     lines = ["Written by results/long/rule.py. Residual arm at 2,000 steps, t = 1: gradient RMS of the first block over "
              "the last, mean cosine of neighbouring blocks; DAR: x fewer steps to the residual's loss at the run's last "
@@ -41,21 +47,22 @@ def main():
              "| run | blocks x width | residual grad first/last at 2,000 | residual cos at 2,000 | DAR x fewer steps (step) |",
              "|---|---|---|---|---|"]
     lines += [f"| `{p['run']}` | {p['shape']} | {p['grad_fall']:.2f} | {p['cosine']:.3f} | {p['ratio']:.2f} "
-              f"({p['step']:,}) |" for p in points]
+              f"({p['step']:,}{', running' if p['running'] else ''}) |" for p in points]
     early = []
     for s in summary.values():                          # the pilot rule: does DAR's ratio still grow from 1,000 to 2,000?
         at = {r["step"]: r["step_ratio"] for r in s["rows"] if r["exact"]}
         if 1000 in at and 2000 in at:
             last = [r for r in s["rows"] if r["step_ratio"]][-1]
             early.append(dict(run=s["run"], label=s["label"], r1000=at[1000], r2000=at[2000], ends=lead_ends(s["rows"]),
-                              ratio=last["step_ratio"], step=last["step"]))
+                              ratio=last["step_ratio"], step=last["step"],
+                              running=running(s["run"], summary)))
     early.sort(key=lambda e: e["r2000"] / e["r1000"])
     lines += ["", "Every long run: DAR's x fewer steps at the residual's 1,000 and 2,000 steps, where its lead ended "
               "(summarize.py: the ratio first falls to 1 after 1,000 steps), its last ratio.", "",
               "| run | setting | x fewer at 1,000 | at 2,000 | 2,000 / 1,000 | the lead ends near step | last (step) |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| `{e['run']}` | {e['label']} | {e['r1000']:.2f} | {e['r2000']:.2f} | {e['r2000'] / e['r1000']:.2f} | "
-              f"{'-' if e['ends'] is None else format(round(e['ends'], -2), ',.0f')} | {e['ratio']:.2f} ({e['step']:,}) |"
+              f"{'-' if e['ends'] is None else format(round(e['ends'], -2), ',.0f')} | {e['ratio']:.2f} ({e['step']:,}{', running' if e['running'] else ''}) |"
               for e in early]
     with open(os.path.join(HERE, "rule.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -70,16 +77,18 @@ def main():
     fig = Figure(figsize=(11, 3.8))
     left, right = fig.subplots(1, 2)
     for p in points:
-        left.scatter(p["grad_fall"], p["ratio"], color="tab:blue" if p["lasted"] else "tab:red")
+        color = "tab:blue" if p["lasted"] else "tab:red"
+        left.scatter(p["grad_fall"], p["ratio"], edgecolors=color, facecolors="none" if p["running"] else color)
         left.annotate(p["run"], (p["grad_fall"], p["ratio"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
     left.set(xlabel="residual at 2,000 steps: gradient RMS, first block / last (t = 1)",
              ylabel="DAR: x fewer steps at the last evaluation", title="runs whose 2,000-step checkpoints were kept")
     for e in early:
-        right.scatter(e["r2000"] / e["r1000"], e["ratio"], color="tab:red" if e["ends"] else "tab:blue")
+        color = "tab:red" if e["ends"] else "tab:blue"
+        right.scatter(e["r2000"] / e["r1000"], e["ratio"], edgecolors=color, facecolors="none" if e["running"] else color)
         right.annotate(e["run"], (e["r2000"] / e["r1000"], e["ratio"]), textcoords="offset points", xytext=(5, 4),
                        fontsize=7)
     right.axvline(1, color="gray", lw=0.5, ls="--")
-    right.set(xlabel="DAR's x fewer steps at 2,000 / at 1,000", title="blue: the lead never ended; red: it ended")
+    right.set(xlabel="DAR's x fewer steps at 2,000 / at 1,000", title="blue: the lead never ended; red: it ended; hollow: running")
     for ax in (left, right):
         ax.axhline(1, color="gray", lw=0.5, ls="--")
     fig.tight_layout()
