@@ -24,6 +24,20 @@ def running(run, summary):
         return summary[run]["rows"][-1]["step"] < json.load(f)["args"]["steps"]
 
 
+def label(ax, points):
+    """Names the points (x, y, name); points that (nearly) coincide get one label with all their names."""
+    at = {}
+    for x, y, name in points:
+        at.setdefault((round(x, 1), round(y, 2)), (x, y, []))[2].append(name)
+    xs, ys = [x for x, _, _ in at.values()], [y for _, y, _ in at.values()]
+    width, height = max(xs) - min(xs) or 1, max(ys) - min(ys) or 1
+    placed = []
+    for x, y, names in sorted(at.values()):
+        near = any(abs(x - a) < 0.15 * width and abs(y - b) < 0.05 * height for a, b in placed)
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, -10 if near else 4), fontsize=7)
+        placed.append((x, y))
+
+
 def main():
     """Joins the residual diagnostics at 2,000 steps with the runs' last step ratios; writes rule.md and rule.png."""
     with open(os.path.join(HERE, "diagnostics.json")) as f:
@@ -79,14 +93,13 @@ def main():
     for p in points:
         color = "tab:blue" if p["lasted"] else "tab:red"
         left.scatter(p["grad_fall"], p["ratio"], edgecolors=color, facecolors="none" if p["running"] else color)
-        left.annotate(p["run"], (p["grad_fall"], p["ratio"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    label(left, [(p["grad_fall"], p["ratio"], p["run"]) for p in points])
     left.set(xlabel="residual at 2,000 steps: gradient RMS, first block / last (t = 1)",
              ylabel="DAR: x fewer steps at the last evaluation", title="runs whose 2,000-step checkpoints were kept")
     for e in early:
         color = "tab:red" if e["ends"] else "tab:blue"
         right.scatter(e["r2000"] / e["r1000"], e["ratio"], edgecolors=color, facecolors="none" if e["running"] else color)
-        right.annotate(e["run"], (e["r2000"] / e["r1000"], e["ratio"]), textcoords="offset points", xytext=(5, 4),
-                       fontsize=7)
+    label(right, [(e["r2000"] / e["r1000"], e["ratio"], e["run"]) for e in early])
     right.axvline(1, color="gray", lw=0.5, ls="--")
     right.set(xlabel="DAR's x fewer steps at 2,000 / at 1,000", title="blue: the lead never ended; red: it ended; hollow: running")
     for ax in (left, right):
