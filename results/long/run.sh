@@ -19,6 +19,7 @@
 # (w64_d24_s0's checkpoints did not survive: trained again from step 0, its log checked against w64_d24_s0's), and
 # trains d8_s0_te's residual arm again to 2,000 steps (ARMS=residual; its log checked against d8_s0_te's with
 # reproduce.py) so that the rule's diagnostics at 2,000 steps have a width-128 run, whose gain faded.
+# w64_d16_s0 was trained twice: its first attempt was lost with its machine (results/long/README.md).
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 R=results/long
